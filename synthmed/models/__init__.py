@@ -1,0 +1,1 @@
+"""synthmed's own generators and the surface they share."""

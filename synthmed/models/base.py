@@ -1,0 +1,540 @@
+"""The surface every synthesizer shares: fit, sample, sample_to, save, seeds, devices, DP seam."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import inspect
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import synthmed
+from synthmed.cohort import Cohort
+from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError
+from synthmed.models.persistence import save_model_file
+from synthmed.schema import Schema
+
+DEVICES = ("auto", "cpu", "cuda")
+ID_PREFIX = "syn-"
+
+
+@dataclasses.dataclass
+class GeneratedBatch:
+    """What a model's ``_generate`` returns: static rows and padded sequences of n patients.
+
+    ``times`` are absolute (non-decreasing, >= 0), ``values`` hold NaN where unobserved and
+    category codes for categorical temporal variables, ``lengths`` count each patient's steps.
+    """
+
+    static: pd.DataFrame
+    times: np.ndarray
+    values: np.ndarray
+    lengths: np.ndarray
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when available; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA device; use 'auto'")
+    return torch.device(device)
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
+    """``"i/k"`` or ``(i, k)`` → ``(i, k)`` with ``0 <= i < k``; None means the whole run."""
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in (shard.split("/") if isinstance(shard, str) else shard))
+    except (ValueError, TypeError):
+        raise ValueError(f"shard must look like 'i/k' (e.g. '0/4'), got {shard!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {shard!r}: need 0 <= i < k")
+    return index, count
+
+
+class Synthesizer(abc.ABC):
+    """Base class of every synthmed generator.
+
+    Settings go to the constructor, learning happens in :meth:`fit`, and fitted state ends with a
+    trailing underscore. Subclasses implement ``_fit``, ``_generate``, ``_get_state`` and
+    ``_set_state``; everything a user calls lives here, so every generator behaves the same.
+
+    Args:
+        epochs: Passes over the training patients.
+        batch_size: Patients per optimisation step.
+        seed: Seed for training and, unless ``sample`` gets its own, for sampling. Same data,
+            seed and settings give identical output on CPU. None draws a fresh seed (recorded).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        verbose: Show progress bars.
+        epsilon, delta: Train with differential privacy (DP-SGD) to this budget; None trains
+            without. ``delta`` defaults to ``1 / n_patients**1.1``.
+        max_grad_norm: Per-patient gradient clipping bound under DP.
+    """
+
+    model_type: ClassVar[str]
+    _registry: ClassVar[dict[str, type[Synthesizer]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not inspect.isabstract(cls) and "model_type" in cls.__dict__:
+            Synthesizer._registry[cls.model_type] = cls
+
+    @classmethod
+    def registry(cls) -> dict[str, type[Synthesizer]]:
+        return dict(Synthesizer._registry)
+
+    def __init__(
+        self,
+        *,
+        epochs: int,
+        batch_size: int,
+        seed: int | None = 0,
+        device: str = "auto",
+        verbose: bool = True,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        max_grad_norm: float = 1.0,
+    ) -> None:
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.verbose = verbose
+        self.epsilon = epsilon
+        self.delta = delta
+        self.max_grad_norm = max_grad_norm
+        self._check_shared_settings()
+
+    def _check_shared_settings(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.epsilon is not None and not (
+            isinstance(self.epsilon, int | float)
+            and math.isfinite(self.epsilon)
+            and self.epsilon > 0
+        ):
+            raise ValueError(
+                f"epsilon must be a positive finite number (or None for no DP), got {self.epsilon!r}"
+            )
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
+
+    # -- settings --------------------------------------------------------------------------------
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        names = []
+        for klass in cls.__mro__:
+            if klass is object or "__init__" not in klass.__dict__:
+                continue
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    names.append(p.name)
+            if klass is Synthesizer:
+                break
+        return list(dict.fromkeys(names))
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor settings, as a dict (JSON-friendly)."""
+        params = {}
+        for name in self._param_names():
+            value = getattr(self, name)
+            params[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return params
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({settings})"
+
+    # -- fitting ---------------------------------------------------------------------------------
+
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "schema_")
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet; call fit(cohort) first"
+            )
+
+    def fit(self, cohort: Cohort) -> Synthesizer:
+        """Learn the distribution of ``cohort``'s patients; returns ``self``."""
+        if not isinstance(cohort, Cohort):
+            raise DataError(
+                f"fit expects a synthmed.Cohort, got {type(cohort).__name__}; build one with "
+                "Cohort(static, events) or Cohort.from_long(df, id=..., time=..., static=[...])"
+            )
+        self._check_shared_settings()
+        self.device_ = resolve_device(self.device)
+        self.seed_ = (
+            self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+        )
+        self.n_train_patients_ = cohort.n_patients
+        self.id_prefix_ = _fresh_prefix(cohort.ids)
+        self.history_ = pd.DataFrame()
+        self.privacy_spent_: tuple[float, float] | None = None
+        self._sample_calls = 0
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[self.device_] if self.device_.type == "cuda" else []):
+            torch.manual_seed(self.seed_)
+            generator = torch.Generator(device="cpu").manual_seed(self.seed_)
+            self._fit(cohort, generator)
+        self.fit_seconds_ = time.perf_counter() - started
+        self.schema_ = cohort.schema
+        return self
+
+    @abc.abstractmethod
+    def _fit(self, cohort: Cohort, generator: torch.Generator) -> None:
+        """Train on ``cohort``; fill ``self.history_``. Torch's RNG is already seeded."""
+
+    def _make_private(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: torch.utils.data.DataLoader,
+        epochs: int,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader]:
+        """The seam for DP-SGD: identity without ``epsilon``, Opacus with it.
+
+        ``module`` must be everything that sees real data, ``data_loader`` must yield one item
+        per patient, so one patient is one privacy unit.
+        """
+        if self.epsilon is None:
+            return module, optimizer, data_loader
+        from synthmed.models.privacy import make_private
+
+        return make_private(self, module, optimizer, data_loader, epochs)
+
+    @property
+    def privacy_spent(self) -> tuple[float, float] | None:
+        """The (epsilon, delta) spent by DP training, or None for a non-private model."""
+        self._check_fitted()
+        return self.privacy_spent_
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def sample(
+        self,
+        n: int | None = None,
+        conditions: Mapping[str, Any] | pd.DataFrame | None = None,
+        seed: int | None = None,
+    ) -> Cohort:
+        """Generate ``n`` synthetic patients.
+
+        Args:
+            n: Number of patients. With a DataFrame of conditions it may be omitted (one patient
+                per row) and must otherwise equal the number of rows.
+            conditions: Fixed static values for every patient (a dict, e.g.
+                ``{"In-hospital_death": 1}``), or a DataFrame of static rows, one patient per row
+                (NaN cells are drawn freely). Every patient satisfies its conditions exactly.
+            seed: Seed for this call. Without one, calls draw from a stream seeded by the
+                constructor's ``seed``, so a script's sequence of calls is reproducible.
+        """
+        self._check_fitted()
+        frame = self._conditions_frame(n, conditions)
+        seed = self._call_seed(seed)
+        cohort = self._sample_chunk(frame, seed, first_id=0)
+        return cohort
+
+    def _call_seed(self, seed: int | None) -> int:
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+                raise ValueError(f"seed must be an integer, got {seed!r}")
+            return int(seed)
+        self._sample_calls += 1
+        if self._sample_calls == 1:
+            return self.seed_
+        return int(np.random.SeedSequence([self.seed_, self._sample_calls]).generate_state(1)[0])
+
+    def _sample_chunk(self, frame: pd.DataFrame, seed: int, first_id: int) -> Cohort:
+        generator = torch.Generator(device=self.device_).manual_seed(seed)
+        with torch.no_grad():
+            batch = self._generate(frame, generator)
+        ids = pd.Index(
+            [f"{self.id_prefix_}{i:08d}" for i in range(first_id, first_id + len(frame))],
+            name=self.schema_.id_column,
+        )
+        static = batch.static[self.schema_.static_columns].set_axis(ids)
+        _check_conditions(static, frame)
+        return Cohort.from_arrays(
+            static,
+            batch.times,
+            batch.values,
+            batch.lengths,
+            self.schema_,
+            metadata=self._provenance(seed),
+        )
+
+    def _provenance(self, seed: int) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "source": "synthetic",
+            "generator": type(self).__name__,
+            "model_type": self.model_type,
+            "settings": _json_safe(self.get_params()),
+            "seed": seed,
+            "n_train_patients": self.n_train_patients_,
+            "synthmed_version": synthmed.__version__,
+        }
+        if self.privacy_spent_ is not None:
+            metadata["epsilon"], metadata["delta"] = self.privacy_spent_
+        return metadata
+
+    @abc.abstractmethod
+    def _generate(self, conditions: pd.DataFrame, generator: torch.Generator) -> GeneratedBatch:
+        """Generate one patient per row of ``conditions`` (NaN cells are free)."""
+
+    def sample_to(
+        self,
+        path: str | Path,
+        n: int,
+        chunk_size: int = 10_000,
+        seed: int | None = None,
+        shard: str | tuple[int, int] | None = None,
+        conditions: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Stream ``n`` patients into a Parquet dataset folder in bounded memory.
+
+        Patients are generated in chunks of ``chunk_size``; chunk ``c`` holds patients
+        ``c * chunk_size ...`` and is seeded from ``(seed, c)`` alone, so any chunk can be made
+        independently. ``shard="i/k"`` makes only the chunks ``c`` with ``c % k == i``: k workers
+        with the same seed and chunk size write disjoint files whose union is the unsharded run.
+        Each chunk is written to a temporary name and renamed; a manifest written last lists
+        the files, so a partial dataset is detectable.
+        """
+        self._check_fitted()
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if conditions is not None and not isinstance(conditions, Mapping):
+            raise ValueError("sample_to takes conditions as a dict of fixed static values")
+        index, count = parse_shard(shard)
+        base_seed = self._call_seed(seed)
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        n_chunks = math.ceil(n / chunk_size)
+        mine = range(index, n_chunks, count)
+        files, written = [], 0
+        for chunk in tqdm(mine, desc="sampling", unit="chunk", disable=not self.verbose):
+            first = chunk * chunk_size
+            size = min(chunk_size, n - first)
+            frame = self._conditions_frame(size, conditions)
+            chunk_seed = int(np.random.SeedSequence([base_seed, chunk]).generate_state(1)[0])
+            cohort = self._sample_chunk(frame, chunk_seed, first_id=first)
+            name = f"part-{chunk:06d}.parquet"
+            cohort.to_parquet(folder / name)
+            files.append(name)
+            written += size
+        manifest = {
+            "format": "synthmed-dataset",
+            "n_patients_total": n,
+            "n_patients": written,
+            "chunk_size": chunk_size,
+            "seed": base_seed,
+            "shard": [index, count],
+            "files": files,
+            "generator": type(self).__name__,
+        }
+        name = "_manifest.json" if count == 1 else f"_manifest-{index}-of-{count}.json"
+        temporary = folder / f".{name}.tmp"
+        temporary.write_text(json.dumps(manifest, indent=2))
+        temporary.replace(folder / name)
+        return folder
+
+    def _conditions_frame(
+        self, n: int | None, conditions: Mapping[str, Any] | pd.DataFrame | None
+    ) -> pd.DataFrame:
+        """One row per patient to generate, all static columns, NaN where not conditioned."""
+        schema = self.schema_
+        if isinstance(conditions, pd.DataFrame):
+            if n is not None and n != len(conditions):
+                raise ValueError(
+                    f"n={n} but the conditions DataFrame has {len(conditions)} rows; "
+                    "pass n=None to generate one patient per row"
+                )
+            n = len(conditions)
+            given = conditions.reset_index(drop=True)
+        elif conditions is None or isinstance(conditions, Mapping):
+            given = pd.DataFrame({k: [v] * (n or 0) for k, v in dict(conditions or {}).items()})
+        else:
+            raise ValueError(
+                f"conditions must be a dict or a DataFrame, got {type(conditions).__name__}"
+            )
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        for name in given.columns:
+            _check_condition_column(schema, name, given[name])
+        frame = pd.DataFrame(index=pd.RangeIndex(int(n)))
+        for name in schema.static_columns:
+            if name in given.columns:
+                frame[name] = given[name].to_numpy()
+            else:
+                frame[name] = np.nan if schema[name].kind == "numeric" else None
+        return frame
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Save the fitted model to one file (JSON settings + tensors, no pickle)."""
+        self._check_fitted()
+        state, tensors = self._get_state()
+        config = {
+            "params": _json_safe(self.get_params()),
+            "schema": self.schema_.to_dict(),
+            "fitted": {
+                "seed_": self.seed_,
+                "n_train_patients_": self.n_train_patients_,
+                "id_prefix_": self.id_prefix_,
+                "fit_seconds_": self.fit_seconds_,
+                "privacy_spent_": list(self.privacy_spent_) if self.privacy_spent_ else None,
+                "history_": self.history_.to_dict(orient="list"),
+            },
+            "state": state,
+            "synthmed_version": synthmed.__version__,
+        }
+        return save_model_file(path, self.model_type, config, tensors)
+
+    @classmethod
+    def _from_saved(
+        cls,
+        config: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        device: str | None = None,
+        source: str = "",
+    ) -> Synthesizer:
+        try:
+            params = dict(config["params"])
+            if device is not None:
+                params["device"] = device
+            model = cls(**_params_from_json(cls, params))
+            fitted = config["fitted"]
+            model.schema_ = Schema.from_dict(config["schema"])
+            model.device_ = resolve_device(model.device)
+            model.seed_ = fitted["seed_"]
+            model.n_train_patients_ = fitted["n_train_patients_"]
+            model.id_prefix_ = fitted["id_prefix_"]
+            model.fit_seconds_ = fitted["fit_seconds_"]
+            spent = fitted["privacy_spent_"]
+            model.privacy_spent_ = tuple(spent) if spent else None
+            model.history_ = pd.DataFrame(fitted["history_"])
+            model._sample_calls = 0
+            model._set_state(config["state"], tensors)
+        except ModelFileError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, SchemaError) as exc:
+            raise ModelFileError(
+                f"{source or 'the model file'} does not match a {cls.__name__}: {exc}"
+            ) from None
+        return model
+
+    @abc.abstractmethod
+    def _get_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The fitted state: JSON-friendly settings and named tensors."""
+
+    @abc.abstractmethod
+    def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Rebuild the fitted model from ``_get_state``'s output (strict about shapes)."""
+
+
+def _fresh_prefix(real_ids: pd.Index) -> str:
+    """An id prefix that no real patient id starts with, so synthetic ids never equal real ones."""
+    as_text = pd.Index(real_ids.astype(str))
+    prefix = ID_PREFIX
+    while as_text.str.startswith(prefix).any():
+        prefix = "x" + prefix
+    return prefix
+
+
+def _check_condition_column(schema: Schema, name: Any, values: pd.Series) -> None:
+    if name not in schema.columns:
+        raise SchemaError(
+            f"condition column {name!r} is not in the model's schema; static columns are "
+            f"{schema.static_columns}"
+        )
+    column = schema[name]
+    if not column.is_static:
+        raise SchemaError(
+            f"condition column {name!r} is temporal; conditions fix static columns only "
+            f"({schema.static_columns})"
+        )
+    given = values.dropna()
+    if column.kind == "numeric":
+        numbers = pd.to_numeric(given, errors="coerce")
+        if numbers.isna().any():
+            raise DataError(
+                f"condition column {name!r}: {given[numbers.isna()].iloc[0]!r} is not a number"
+            )
+        lower = -np.inf if column.lower is None else column.lower
+        upper = np.inf if column.upper is None else column.upper
+        outside = (numbers < lower) | (numbers > upper)
+        if outside.any():
+            raise DataError(
+                f"condition column {name!r}: {numbers[outside].iloc[0]!r} is outside the "
+                f"schema's bounds [{column.lower}, {column.upper}]"
+            )
+        return
+    allowed = set(column.categories) | {
+        float(c) for c in column.categories if isinstance(c, int | float)
+    }
+    unknown = [v for v in given if v not in allowed]
+    if unknown:
+        raise DataError(
+            f"condition column {name!r}: category {unknown[0]!r} was never seen in training; "
+            f"known categories: {list(column.categories)}"
+        )
+
+
+def _check_conditions(static: pd.DataFrame, frame: pd.DataFrame) -> None:
+    """Guard the promise that every patient satisfies its conditions exactly."""
+    for name in frame.columns:
+        given = frame[name].notna().to_numpy()
+        if not given.any():
+            continue
+        produced = static[name].to_numpy(dtype=object)[given]
+        wanted = frame[name].to_numpy(dtype=object)[given]
+        equal = (produced == wanted).astype(bool)
+        if not equal.all():
+            i = int(np.flatnonzero(~equal)[0])
+            raise RuntimeError(
+                f"internal error: a generated patient has {name}={produced[i]!r} but the "
+                f"condition asked for {wanted[i]!r}; please report this"
+            )
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(
+        json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    )
+
+
+def _params_from_json(cls: type[Synthesizer], params: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments from saved settings; a ``config`` dict becomes ``cls.config_class``."""
+    config_cls = getattr(cls, "config_class", None)
+    return {
+        name: config_cls(**value)
+        if name == "config" and config_cls is not None and isinstance(value, dict)
+        else value
+        for name, value in params.items()
+    }

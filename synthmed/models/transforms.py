@@ -1,0 +1,213 @@
+"""Reversible numeric encodings shared by the generators.
+
+``StaticEncoder`` turns static attributes into one float vector per patient (standardised numbers
+with a missing indicator, one-hot categories) and back. ``ValueScaler`` standardises temporal
+variables, in log space for right-skewed positive ones (glucose, lactate...), and maps generated
+values back inside the schema's bounds.
+
+Both are fitted either from the data (``from_bounds=False``) or from the schema's declared bounds
+alone (``from_bounds=True``), which reveals nothing about the training patients: that is what
+differentially private training uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synthmed.encoding import category_codes, decode_codes
+from synthmed.errors import SchemaError
+from synthmed.schema import ColumnSchema, Schema
+
+SKEW_FOR_LOG = 1.0
+
+
+@dataclasses.dataclass
+class Block:
+    """One static column's slice of the encoded vector."""
+
+    name: str
+    kind: str
+    start: int
+    width: int
+    has_missing: bool
+
+
+def _bounds_center_scale(column: ColumnSchema) -> tuple[float, float]:
+    if column.lower is None or column.upper is None:
+        raise SchemaError(
+            f"column {column.name!r} needs declared lower and upper bounds for private training; "
+            "set them with schema.with_column(name, lower=..., upper=...)"
+        )
+    return (column.lower + column.upper) / 2, max((column.upper - column.lower) / 4, 1e-6)
+
+
+class StaticEncoder:
+    """Static table ↔ float matrix ``[n, width]``."""
+
+    def fit(self, static: pd.DataFrame, schema: Schema, from_bounds: bool = False) -> StaticEncoder:
+        self.columns_: dict[str, dict[str, Any]] = {}
+        for name in schema.static_columns:
+            column = schema[name]
+            values = static[name]
+            # Under DP the presence of missing values is not looked up: every column gets a slot.
+            has_missing = True if from_bounds else bool(values.isna().any())
+            if column.kind == "numeric":
+                if from_bounds:
+                    center, scale = _bounds_center_scale(column)
+                else:
+                    numbers = values.to_numpy(dtype=np.float64)
+                    center = float(np.nanmean(numbers)) if np.isfinite(numbers).any() else 0.0
+                    scale = float(np.nanstd(numbers)) if np.isfinite(numbers).sum() > 1 else 1.0
+                self.columns_[name] = {
+                    "center": center,
+                    "scale": max(scale, 1e-6),
+                    "has_missing": has_missing,
+                }
+            else:
+                self.columns_[name] = {"has_missing": has_missing}
+        self.schema_ = schema
+        self._build_blocks()
+        return self
+
+    def _build_blocks(self) -> None:
+        self.blocks_: list[Block] = []
+        start = 0
+        for name, info in self.columns_.items():
+            column = self.schema_[name]
+            base = 1 if column.kind == "numeric" else len(column.categories)
+            width = base + int(info["has_missing"])
+            self.blocks_.append(Block(name, column.kind, start, width, info["has_missing"]))
+            start += width
+        self.width_ = start
+
+    def transform(self, static: pd.DataFrame) -> np.ndarray:
+        out = np.zeros((len(static), self.width_), dtype=np.float32)
+        for block in self.blocks_:
+            values = static[block.name]
+            missing = values.isna().to_numpy()
+            if block.kind == "numeric":
+                info = self.columns_[block.name]
+                numbers = (values.to_numpy(dtype=np.float64) - info["center"]) / info["scale"]
+                out[:, block.start] = np.where(missing, 0.0, numbers)
+            else:
+                codes = category_codes(values, self.schema_[block.name].categories)
+                rows = np.flatnonzero(codes >= 0)
+                out[rows, block.start + codes[rows]] = 1.0
+            if block.has_missing:
+                out[:, block.start + block.width - 1] = missing
+        return out
+
+    def inverse(self, encoded: np.ndarray) -> pd.DataFrame:
+        """Decode generated vectors: one-hot blocks by argmax, numbers unscaled into bounds."""
+        columns = {}
+        for block in self.blocks_:
+            part = encoded[:, block.start : block.start + block.width]
+            column = self.schema_[block.name]
+            if block.kind == "numeric":
+                info = self.columns_[block.name]
+                numbers = _into_bounds(part[:, 0] * info["scale"] + info["center"], column)
+                if block.has_missing:
+                    numbers = np.where(part[:, -1] > 0.5, np.nan, numbers)
+                columns[block.name] = numbers
+            else:
+                codes = part.argmax(axis=1)
+                if block.has_missing:
+                    codes = np.where(codes == len(column.categories), -1, codes)
+                columns[block.name] = decode_codes(codes, column.categories)
+        return pd.DataFrame(columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"columns": self.columns_}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], schema: Schema) -> StaticEncoder:
+        encoder = cls()
+        encoder.columns_ = {k: dict(v) for k, v in data["columns"].items()}
+        encoder.schema_ = schema
+        encoder._build_blocks()
+        return encoder
+
+
+class ValueScaler:
+    """Per-variable standardisation of temporal values ``[..., V]``; categorical codes pass."""
+
+    def fit(self, values: np.ndarray, schema: Schema, from_bounds: bool = False) -> ValueScaler:
+        variables = schema.temporal_columns
+        self.schema_ = schema
+        self.log_ = np.zeros(len(variables), dtype=bool)
+        self.center_ = np.zeros(len(variables))
+        self.scale_ = np.ones(len(variables))
+        flat = values.reshape(-1, len(variables)) if len(variables) else values
+        for j, name in enumerate(variables):
+            column = schema[name]
+            if column.kind != "numeric":
+                continue
+            if from_bounds:
+                self.center_[j], self.scale_[j] = _bounds_center_scale(column)
+                continue
+            observed = flat[:, j][np.isfinite(flat[:, j])].astype(np.float64)
+            if len(observed) < 2:
+                continue
+            self.log_[j] = observed.min() >= 0 and _skewness(observed) > SKEW_FOR_LOG
+            if self.log_[j]:
+                observed = np.log1p(observed)
+            self.center_[j] = observed.mean()
+            self.scale_[j] = max(observed.std(), 1e-6)
+        return self
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        out = np.array(values, dtype=np.float32, copy=True)
+        logged = np.log1p(np.clip(out[..., self.log_], 0, None))
+        out[..., self.log_] = logged
+        numeric = self._numeric_mask()
+        out[..., numeric] = (out[..., numeric] - self.center_[numeric]) / self.scale_[numeric]
+        return out
+
+    def inverse(self, scaled: np.ndarray) -> np.ndarray:
+        out = np.array(scaled, dtype=np.float64, copy=True)
+        numeric = self._numeric_mask()
+        out[..., numeric] = out[..., numeric] * self.scale_[numeric] + self.center_[numeric]
+        out[..., self.log_] = np.expm1(np.clip(out[..., self.log_], None, 50.0))
+        for j, name in enumerate(self.schema_.temporal_columns):
+            column = self.schema_[name]
+            if column.kind == "numeric":
+                out[..., j] = _into_bounds(out[..., j], column)
+        return out
+
+    def _numeric_mask(self) -> np.ndarray:
+        return np.array(
+            [self.schema_[n].kind == "numeric" for n in self.schema_.temporal_columns], dtype=bool
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "log": self.log_.tolist(),
+            "center": self.center_.tolist(),
+            "scale": self.scale_.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], schema: Schema) -> ValueScaler:
+        scaler = cls()
+        scaler.schema_ = schema
+        scaler.log_ = np.array(data["log"], dtype=bool)
+        scaler.center_ = np.array(data["center"], dtype=np.float64)
+        scaler.scale_ = np.array(data["scale"], dtype=np.float64)
+        return scaler
+
+
+def _into_bounds(values: np.ndarray, column: ColumnSchema) -> np.ndarray:
+    lower = -np.inf if column.lower is None else column.lower
+    upper = np.inf if column.upper is None else column.upper
+    values = np.clip(values, lower, upper)
+    return np.round(values) if column.integer else values
+
+
+def _skewness(values: np.ndarray) -> float:
+    centred = values - values.mean()
+    spread = centred.std()
+    return float((centred**3).mean() / spread**3) if spread > 0 else 0.0
