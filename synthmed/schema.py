@@ -18,6 +18,7 @@ ROLES = ("static", "temporal", "outcome")
 SCHEMA_FORMAT_VERSION = 1
 DEFAULT_ID_COLUMN = "patient_id"
 DEFAULT_TIME_COLUMN = "time"
+FREE_TEXT_MIN_DISTINCT = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +311,13 @@ def _infer_column(name: str, values: pd.Series, role: str, max_categories: int) 
         categories = _sorted_categories(observed.unique())
         if not categories:
             raise SchemaError(f"column {name!r} has no observed value to infer categories from")
+        if len(categories) > FREE_TEXT_MIN_DISTINCT and len(categories) > 0.5 * len(observed):
+            # A generator would copy such values verbatim from real patients into synthetic ones.
+            raise SchemaError(
+                f"column {name!r} looks like free text or an identifier ({len(categories)} "
+                f"distinct values in {len(observed)} rows); drop it before synthesis, or declare "
+                "it categorical in an explicit schema if its values are safe to publish"
+            )
         kind = "binary" if len(categories) == 2 else "categorical"
         return ColumnSchema(name, kind, role, categories=tuple(categories))
     numeric = pd.to_numeric(observed, errors="coerce").astype(float)

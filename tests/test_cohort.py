@@ -239,3 +239,13 @@ def test_to_sdv_is_accepted_by_sdv_metadata():
     metadata.validate()
     metadata.validate_data({"cohort": df})
     assert metadata.tables["cohort"].sequence_key == "pid"
+
+
+def test_free_text_columns_are_refused_so_they_cannot_be_copied():
+    static = pd.DataFrame(
+        {"note": [f"patient complains of pain #{i}" for i in range(40)]},
+        index=pd.Index(range(40), name="pid"),
+    )
+    events = pd.DataFrame({"pid": range(40), "time": 0.0, "HR": 80.0})
+    with pytest.raises(SchemaError, match="'note' looks like free text"):
+        Cohort(static, events)
