@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -19,7 +20,8 @@ from tqdm.auto import tqdm
 
 import synthmed
 from synthmed.cohort import Cohort
-from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError
+from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError, SynthmedError
+from synthmed.models import distributed
 from synthmed.models.persistence import save_model_file
 from synthmed.schema import Schema
 
@@ -179,15 +181,44 @@ class Synthesizer(abc.ABC):
                 f"this {type(self).__name__} is not fitted yet; call fit(cohort) first"
             )
 
-    def fit(self, cohort: Cohort) -> Synthesizer:
-        """Learn the distribution of ``cohort``'s patients; returns ``self``."""
+    def fit(
+        self,
+        cohort: Cohort,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        checkpoint_every: int = 1,
+    ) -> Synthesizer:
+        """Learn the distribution of ``cohort``'s patients; returns ``self``.
+
+        Args:
+            cohort: The training patients.
+            checkpoint_dir: Save the training state (weights, optimizer, RNG states, epoch and,
+                under DP, the accountant) there every ``checkpoint_every`` epochs.
+            resume: Continue from the checkpoint in ``checkpoint_dir`` when there is one. A
+                resumed run ends with the same weights as an uninterrupted one on CPU.
+        """
         if not isinstance(cohort, Cohort):
             raise DataError(
                 f"fit expects a synthmed.Cohort, got {type(cohort).__name__}; build one with "
                 "Cohort(static, events) or Cohort.from_long(df, id=..., time=..., static=[...])"
             )
         self._check_shared_settings()
-        self.device_ = resolve_device(self.device)
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
+        if (
+            isinstance(checkpoint_every, bool)
+            or not isinstance(checkpoint_every, int)
+            or (checkpoint_every < 1)
+        ):
+            raise ValueError(
+                f"checkpoint_every must be a positive integer, got {checkpoint_every!r}"
+            )
+        self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._checkpoint_every = checkpoint_every
+        self._resume = resume
+        self._fingerprint = _run_fingerprint(self.get_params(), cohort)
+        # Under torchrun (WORLD_SIZE > 1) this joins the process group; otherwise a no-op.
+        self.device_ = distributed.setup(resolve_device(self.device))
         self.seed_ = (
             self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
         )
@@ -209,6 +240,61 @@ class Synthesizer(abc.ABC):
     def _fit(self, cohort: Cohort, generator: torch.Generator) -> None:
         """Train on ``cohort``; fill ``self.history_``. Torch's RNG is already seeded."""
 
+    # -- checkpoints (used by the models' training loops) -----------------------------------------
+
+    def _checkpoint_due(self, epoch: int) -> bool:
+        """Whether the loop should call ``_save_checkpoint`` after finishing ``epoch`` (0-based)."""
+        return self._checkpoint_dir is not None and (epoch + 1) % self._checkpoint_every == 0
+
+    def _save_checkpoint(
+        self, epoch: int, state: dict[str, Any], generator: torch.Generator
+    ) -> None:
+        """Atomically save the loop's ``state`` (state dicts, counters...) after ``epoch``.
+
+        The torch RNG, the data-order ``generator`` and the history are saved alongside, so that
+        a resumed run draws the same numbers as an uninterrupted one.
+        """
+        assert self._checkpoint_dir is not None
+        self._checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "fingerprint": self._fingerprint,
+            "epoch": epoch,
+            "state": state,
+            "torch_rng": torch.get_rng_state(),
+            "generator_rng": generator.get_state(),
+            "history": json.dumps(self.history_.to_dict(orient="list")),
+        }
+        path = self._checkpoint_dir / "checkpoint.pt"
+        temporary = path.with_name(".checkpoint.pt.tmp")
+        torch.save(payload, temporary)
+        temporary.replace(path)
+
+    def _load_checkpoint(self, generator: torch.Generator) -> tuple[int, dict[str, Any]] | None:
+        """``(next_epoch, state)`` from the checkpoint when resuming, else None.
+
+        Restores the torch RNG, ``generator`` and ``history_``. Refuses a checkpoint written for
+        other settings or other data.
+        """
+        if not self._resume:
+            return None
+        assert self._checkpoint_dir is not None
+        path = self._checkpoint_dir / "checkpoint.pt"
+        if not path.exists():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same error
+            raise ModelFileError(f"checkpoint {str(path)!r} is unreadable: {exc}") from None
+        if payload.get("fingerprint") != self._fingerprint:
+            raise ModelFileError(
+                f"checkpoint {str(path)!r} belongs to a run with other settings or data; "
+                "use another checkpoint_dir or resume=False"
+            )
+        torch.set_rng_state(payload["torch_rng"])
+        generator.set_state(payload["generator_rng"])
+        self.history_ = pd.DataFrame(json.loads(payload["history"]))
+        return payload["epoch"] + 1, payload["state"]
+
     def _make_private(
         self,
         module: torch.nn.Module,
@@ -222,7 +308,16 @@ class Synthesizer(abc.ABC):
         per patient, so one patient is one privacy unit.
         """
         if self.epsilon is None:
+            # Under torchrun: DistributedDataParallel + DistributedSampler; otherwise identity.
+            module, data_loader = distributed.parallelize(
+                module, data_loader, self.device_, self.seed_
+            )
             return module, optimizer, data_loader
+        if distributed.is_distributed():
+            raise SynthmedError(
+                "differentially private training under torchrun is not supported; "
+                "train with epsilon in a single process"
+            )
         from synthmed.models.privacy import make_private
 
         return make_private(self, module, optimizer, data_loader, epochs)
@@ -333,6 +428,8 @@ class Synthesizer(abc.ABC):
         index, count = parse_shard(shard)
         base_seed = self._call_seed(seed)
         folder = Path(path)
+        if not distributed.is_main_process():
+            return folder  # under torchrun only rank 0 writes
         folder.mkdir(parents=True, exist_ok=True)
         n_chunks = math.ceil(n / chunk_size)
         mine = range(index, n_chunks, count)
@@ -399,6 +496,8 @@ class Synthesizer(abc.ABC):
     def save(self, path: str | Path) -> Path:
         """Save the fitted model to one file (JSON settings + tensors, no pickle)."""
         self._check_fitted()
+        if not distributed.is_main_process():
+            return Path(path)  # under torchrun only rank 0 writes
         state, tensors = self._get_state()
         config = {
             "params": _json_safe(self.get_params()),
@@ -456,6 +555,14 @@ class Synthesizer(abc.ABC):
     @abc.abstractmethod
     def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Rebuild the fitted model from ``_get_state``'s output (strict about shapes)."""
+
+
+def _run_fingerprint(params: dict[str, Any], cohort: Cohort) -> str:
+    """A digest of the settings and the training data, so a checkpoint resumes only its own run."""
+    digest = hashlib.sha256(json.dumps(_json_safe(params), sort_keys=True).encode())
+    digest.update(pd.util.hash_pandas_object(cohort.events, index=False).to_numpy().tobytes())
+    digest.update(pd.util.hash_pandas_object(cohort.static).to_numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _fresh_prefix(real_ids: pd.Index) -> str:
