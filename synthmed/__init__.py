@@ -14,6 +14,7 @@ from synthmed.errors import (
     MissingDependencyError,
     ModelFileError,
     NotFittedError,
+    PrivacyError,
     SchemaError,
     SynthmedError,
 )
@@ -28,7 +29,7 @@ _LAZY = {
     "load_synthesizer": "synthmed.models.persistence",
     "evaluate": "synthmed.evaluation",
     "Report": "synthmed.evaluation",
-    "share": "synthmed.share",
+    "share": "synthmed.sharing",
     "datasets": "synthmed.datasets",
     "baselines": "synthmed.baselines",
 }
@@ -40,6 +41,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelFileError",
     "NotFittedError",
+    "PrivacyError",
     "Schema",
     "SchemaError",
     "SynthmedError",

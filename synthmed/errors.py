@@ -30,3 +30,7 @@ class ModelFileError(SynthmedError, ValueError):
 
 class MissingDependencyError(SynthmedError, ImportError):
     """An optional dependency is needed; the message gives the ``pip install`` command."""
+
+
+class PrivacyError(SynthmedError, ValueError):
+    """Private training cannot run as configured (budget, layers, data loader, delta)."""

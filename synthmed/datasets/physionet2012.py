@@ -143,8 +143,8 @@ DESCRIPTORS: dict[str, Variable] = _variables(
 OUTCOMES: dict[str, Variable] = _variables(
     Variable("SAPS-I", "points", 0.0, 56.0, integer=True),
     Variable("SOFA", "points", 0.0, 24.0, integer=True),
-    Variable("Length_of_stay", "days", 0.0, None, integer=True),
-    Variable("Survival", "days", 0.0, None, integer=True),
+    Variable("Length_of_stay", "days", 0.0, 365.0, integer=True),
+    Variable("Survival", "days", 0.0, 3650.0, integer=True),
     Variable("In-hospital_death", None, kind="binary", categories=(0, 1)),
 )
 
