@@ -31,11 +31,15 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/physionet2012"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path,
-                        default=Path(os.environ.get("SYNTHMED_PHYSIONET_DIR", DEFAULT_DATA)),
-                        help="folder with set-a.tar.gz, set-b.tar.gz and the Outcomes files")
-    parser.add_argument("--train", action="store_true",
-                        help="split set A into a training and a 'synthetic' half")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("SYNTHMED_PHYSIONET_DIR", DEFAULT_DATA)),
+        help="folder with set-a.tar.gz, set-b.tar.gz and the Outcomes files",
+    )
+    parser.add_argument(
+        "--train", action="store_true", help="split set A into a training and a 'synthetic' half"
+    )
     parser.add_argument("--report", type=Path, help="also write the HTML report here")
     args = parser.parse_args()
 
@@ -59,9 +63,11 @@ def main() -> None:
     print("summary:", {k: round(v, 4) for k, v in report.summary().items()})
     for note in report.notes:
         print("note:", note)
-    print(f"patients: real {set_b.n_patients}, synthetic {synthetic.n_patients}, "
-          f"train {train.n_patients if train is not None else 0}; "
-          f"cores: {os.cpu_count()}; loading {loaded - started:.1f} s")
+    print(
+        f"patients: real {set_b.n_patients}, synthetic {synthetic.n_patients}, "
+        f"train {train.n_patients if train is not None else 0}; "
+        f"cores: {os.cpu_count()}; loading {loaded - started:.1f} s"
+    )
     verdict = "within" if elapsed <= TARGET_SECONDS else "OVER"
     print(f"evaluate: {elapsed:.1f} s ({verdict} the {TARGET_SECONDS} s target)")
     if args.report:

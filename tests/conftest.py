@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import pytest
+# Small models and small data run fastest on one thread, and several OpenMP pools (torch,
+# scikit-learn) competing for two cores slow each other down by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 if TYPE_CHECKING:
     from synthmed import Cohort

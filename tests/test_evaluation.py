@@ -39,12 +39,28 @@ from synthmed.evaluation.privacy import (
 from synthmed.evaluation.utility import NextValueMAE, OutcomeAUROC
 
 REQUIRED_METRICS = {
-    "KSComplement", "TVComplement", "MissingValueSimilarity", "CorrelationSimilarity",
-    "SequenceLengthSimilarity", "StatisticMSAS", "InterRowMSAS", "time_gap_similarity",
-    "acf_error", "observation_rate_error", "mean_sequence_length_error",
-    "discriminative_score", "discriminative_auroc", "discriminative_score_gru",
-    "discriminative_auroc_gru", "tstr_auroc", "trtr_auroc", "next_value_mae_ratio",
-    "dcr_ratio", "nndr", "exact_copy_rate", "membership_inference_auroc",
+    "KSComplement",
+    "TVComplement",
+    "MissingValueSimilarity",
+    "CorrelationSimilarity",
+    "SequenceLengthSimilarity",
+    "StatisticMSAS",
+    "InterRowMSAS",
+    "time_gap_similarity",
+    "acf_error",
+    "observation_rate_error",
+    "mean_sequence_length_error",
+    "discriminative_score",
+    "discriminative_auroc",
+    "discriminative_score_gru",
+    "discriminative_auroc_gru",
+    "tstr_auroc",
+    "trtr_auroc",
+    "next_value_mae_ratio",
+    "dcr_ratio",
+    "nndr",
+    "exact_copy_rate",
+    "membership_inference_auroc",
     "DCROverfittingProtection",
 }
 
@@ -77,8 +93,14 @@ def _values(scores: pd.DataFrame, metric: str) -> pd.Series:
 
 def test_report_has_every_stable_metric_name(report):
     assert set(report.scores["metric"]) >= REQUIRED_METRICS
-    assert list(report.scores.columns) == ["section", "metric", "variable", "value", "ceiling",
-                                           "goal"]
+    assert list(report.scores.columns) == [
+        "section",
+        "metric",
+        "variable",
+        "value",
+        "ceiling",
+        "goal",
+    ]
     assert set(report.scores["section"]) == {"fidelity", "utility", "privacy"}
     assert set(report.scores["goal"]) <= {"maximize", "minimize"}
 
@@ -188,7 +210,8 @@ def test_missing_variable_is_a_schema_error(cohorts):
     schema = synthetic.schema
     columns = [c for c in schema.columns.values() if c.name != "Glucose"]
     narrower = Cohort(
-        synthetic.static, synthetic.events.drop(columns="Glucose"),
+        synthetic.static,
+        synthetic.events.drop(columns="Glucose"),
         Schema(columns, schema.id_column, schema.time_column, schema.time_unit),
     )
     with pytest.raises(SchemaError, match="lacks temporal column 'Glucose'"):
@@ -214,21 +237,32 @@ def _ar1_cohort(phi: float, n: int = 100, steps: int = 300, seed: int = 0) -> Co
     x[:, 0] = rng.normal(size=n)
     for t in range(1, steps):
         x[:, t] = phi * x[:, t - 1] + np.sqrt(1 - phi**2) * rng.normal(size=n)
-    events = pd.DataFrame({
-        "patient_id": np.repeat(np.arange(n), steps),
-        "time": np.tile(np.arange(steps, dtype=float), n),
-        "x": x.ravel(),
-    })
-    static = pd.DataFrame({"age": rng.normal(60, 10, n)},
-                          index=pd.RangeIndex(n, name="patient_id"))
+    events = pd.DataFrame(
+        {
+            "patient_id": np.repeat(np.arange(n), steps),
+            "time": np.tile(np.arange(steps, dtype=float), n),
+            "x": x.ravel(),
+        }
+    )
+    static = pd.DataFrame({"age": rng.normal(60, 10, n)}, index=pd.RangeIndex(n, name="patient_id"))
     return Cohort(static, events)
 
 
 def test_metrics_have_the_sdmetrics_shape():
-    for metric in (TimeGapSimilarity, AutocorrelationError, ObservationRateError,
-                   MeanSequenceLengthError, DiscriminativeScore, GRUDiscriminativeScore,
-                   OutcomeAUROC, NextValueMAE, DCRRatio, NNDR, ExactCopyRate,
-                   MembershipInferenceAUROC):
+    for metric in (
+        TimeGapSimilarity,
+        AutocorrelationError,
+        ObservationRateError,
+        MeanSequenceLengthError,
+        DiscriminativeScore,
+        GRUDiscriminativeScore,
+        OutcomeAUROC,
+        NextValueMAE,
+        DCRRatio,
+        NNDR,
+        ExactCopyRate,
+        MembershipInferenceAUROC,
+    ):
         assert issubclass(metric, Metric) and issubclass(metric, BaseMetric)
         assert metric.name and metric.goal is not None
         assert metric.min_value < metric.max_value
@@ -240,8 +274,10 @@ def test_autocorrelation_recovers_an_ar1_process():
     np.testing.assert_allclose(acf, [0.8, 0.64, 0.512], atol=0.06)
     white = _ar1_cohort(0.0, seed=1)
     assert AutocorrelationError.compute(_ar1_cohort(0.8).arrays, white.arrays, "x") > 0.5
-    assert AutocorrelationError.compute(
-        _ar1_cohort(0.8).arrays, _ar1_cohort(0.8, seed=2).arrays, "x") < 0.05
+    assert (
+        AutocorrelationError.compute(_ar1_cohort(0.8).arrays, _ar1_cohort(0.8, seed=2).arrays, "x")
+        < 0.05
+    )
 
 
 def test_time_gap_similarity_catches_stretched_time():
@@ -254,8 +290,9 @@ def test_time_gap_similarity_catches_stretched_time():
 
 
 def test_observation_rate_and_mean_length_errors():
-    assert ObservationRateError.compute(pd.Series([1, np.nan, 2, np.nan]),
-                                        pd.Series([1, 2, 3, np.nan])) == pytest.approx(0.25)
+    assert ObservationRateError.compute(
+        pd.Series([1, np.nan, 2, np.nan]), pd.Series([1, 2, 3, np.nan])
+    ) == pytest.approx(0.25)
     assert MeanSequenceLengthError.compute(np.array([10, 10]), np.array([5, 5])) == 0.5
 
 
@@ -263,8 +300,9 @@ def test_discriminative_scores_tell_shifted_patients_apart(cohorts):
     holdout = cohorts["holdout"]
     events = holdout.events.assign(HR=holdout.events["HR"].clip(upper=150) + 40)
     shifted = Cohort(holdout.static, events, holdout.schema)
-    boosted = DiscriminativeScore.compute_breakdown(patient_features(holdout),
-                                                    patient_features(shifted))
+    boosted = DiscriminativeScore.compute_breakdown(
+        patient_features(holdout), patient_features(shifted)
+    )
     assert boosted["score"] > 0.45 and boosted["auroc"] > 0.95
     recurrent = GRUDiscriminativeScore.compute_breakdown(holdout, shifted)
     assert recurrent["score"] > 0.3 and recurrent["auroc"] > 0.9
@@ -296,8 +334,9 @@ def test_tstr_fails_when_outcomes_are_shuffled(cohorts):
     holdout, synthetic = cohorts["holdout"], cohorts["synthetic"]
     outcome = "In-hospital_death"
     assert OutcomeAUROC.compute(synthetic, holdout, outcome) > 0.8
-    assert OutcomeAUROC.compute(controls.shuffle_outcome(synthetic, outcome), holdout,
-                                outcome) < 0.7
+    assert (
+        OutcomeAUROC.compute(controls.shuffle_outcome(synthetic, outcome), holdout, outcome) < 0.7
+    )
 
 
 def test_next_value_mae_grows_with_noise(cohorts):

@@ -149,8 +149,9 @@ def test_forecasting_utility_catches_damaged_values(control, cohorts):
     train, holdout = cohorts["train"], cohorts["holdout"]
     damaged = CONTROLS[control](cohorts["synthetic"])
     for variable in ("HR", "Temp"):
-        ratio = (NextValueMAE.compute(damaged, holdout, variable)
-                 / NextValueMAE.compute(train, holdout, variable))
+        ratio = NextValueMAE.compute(damaged, holdout, variable) / NextValueMAE.compute(
+            train, holdout, variable
+        )
         assert ratio > 1.3, (variable, ratio)
 
 

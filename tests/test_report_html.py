@@ -20,12 +20,25 @@ from synthmed.datasets import simulate_cohort
 from synthmed.evaluation import Report, evaluate
 
 FIGURES = (
-    "marginals", "structure", "trajectories", "patients", "correlations", "observation-rates",
-    "utility", "privacy-distances", "training-history",
+    "marginals",
+    "structure",
+    "trajectories",
+    "patients",
+    "correlations",
+    "observation-rates",
+    "utility",
+    "privacy-distances",
+    "training-history",
 )
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 )
 CHECKER = """<script>
 window.__errors = [];
@@ -59,8 +72,11 @@ def report(tmp_path_factory) -> Report:
     cohort = simulate_cohort(160, seed=0)
     train, holdout = cohort.split(test_size=0.5, seed=0)
     synthetic = simulate_cohort(80, seed=1)
-    synthetic.metadata["history"] = {"epoch": [1, 2, 3, 4], "generator": [3.0, 2.1, 1.7, 1.5],
-                                     "discriminator": [0.9, 0.8, 0.8, 0.7]}
+    synthetic.metadata["history"] = {
+        "epoch": [1, 2, 3, 4],
+        "generator": [3.0, 2.1, 1.7, 1.5],
+        "discriminator": [0.9, 0.8, 0.8, 0.7],
+    }
     return evaluate(holdout, synthetic, train, gru=False)
 
 
@@ -75,8 +91,9 @@ def test_report_is_one_self_contained_file(report, report_path):
     assert "@import" not in page and "url(" not in page
     assert "<script" not in page.lower()
     for key in FIGURES:
-        match = re.search(rf'<figure id="fig-{key}">.*?src="data:image/png;base64,([^"]+)"', page,
-                          re.S)
+        match = re.search(
+            rf'<figure id="fig-{key}">.*?src="data:image/png;base64,([^"]+)"', page, re.S
+        )
         assert match, key
         assert base64.b64decode(match.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.count("<tr><td>") == len(report.scores)
@@ -85,17 +102,29 @@ def test_report_is_one_self_contained_file(report, report_path):
 def test_report_renders_in_chromium_without_errors(report_path, tmp_path):
     chromium = _chromium()
     if chromium is None:
-        pytest.skip("Chromium is not installed (looked for `chromium` on PATH and "
-                    "/usr/bin/chromium); install Debian's chromium to run this test")
+        pytest.skip(
+            "Chromium is not installed (looked for `chromium` on PATH and "
+            "/usr/bin/chromium); install Debian's chromium to run this test"
+        )
     page = report_path.read_text(encoding="utf-8").replace("<head>", "<head>" + CHECKER, 1)
     checked = tmp_path / "checked.html"
     checked.write_text(page, encoding="utf-8")
     profile = tmp_path / "profile"
     profile.mkdir()
     result = subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr",
-         "--v=0", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            checked.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     match = re.search(r'<pre id="synthmed-check">(.*?)</pre>', result.stdout, re.S)
     assert match, f"no check output; chromium said: {result.stderr[-2000:]}"
@@ -104,6 +133,9 @@ def test_report_renders_in_chromium_without_errors(report_path, tmp_path):
     assert check["broken"] == []
     assert check["images"] == len(FIGURES)
     assert sorted(check["figures"]) == sorted(f"fig-{key}" for key in FIGURES)
-    console_errors = [line for line in result.stderr.splitlines()
-                      if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line)]
+    console_errors = [
+        line
+        for line in result.stderr.splitlines()
+        if "CONSOLE" in line and ("ERROR" in line or "Uncaught" in line)
+    ]
     assert console_errors == []

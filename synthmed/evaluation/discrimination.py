@@ -75,26 +75,30 @@ class DiscriminativeScore(Metric):
         real_rows, synthetic_rows = _balanced_positions(
             len(real_data), len(synthetic_data), BOOSTED_MAX_PATIENTS, rng
         )
-        x = np.vstack([
-            real_data.to_numpy(dtype=np.float64)[real_rows],
-            synthetic_data[real_data.columns].to_numpy(dtype=np.float64)[synthetic_rows],
-        ])
+        x = np.vstack(
+            [
+                real_data.to_numpy(dtype=np.float64)[real_rows],
+                synthetic_data[real_data.columns].to_numpy(dtype=np.float64)[synthetic_rows],
+            ]
+        )
         labels = np.repeat([0, 1], len(real_rows))
         probabilities = np.zeros(len(labels))
         folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
         for fit_rows, test_rows in folds.split(x, labels):
             model = HistGradientBoostingClassifier(
-                max_iter=200, learning_rate=0.1, max_leaf_nodes=15, l2_regularization=1.0,
-                early_stopping=False, random_state=seed,
+                max_iter=200,
+                learning_rate=0.1,
+                max_leaf_nodes=15,
+                l2_regularization=1.0,
+                early_stopping=False,
+                random_state=seed,
             )
             model.fit(without_empty_columns(x[fit_rows]), labels[fit_rows])
             probabilities[test_rows] = model.predict_proba(x[test_rows])[:, 1]
         return _breakdown(labels, probabilities)
 
     @classmethod
-    def compute(
-        cls, real_data: pd.DataFrame, synthetic_data: pd.DataFrame, seed: int = 0
-    ) -> float:
+    def compute(cls, real_data: pd.DataFrame, synthetic_data: pd.DataFrame, seed: int = 0) -> float:
         """``|accuracy - 0.5|`` for two tables of per-patient features."""
         return cls.compute_breakdown(real_data, synthetic_data, seed)["score"]
 
@@ -112,8 +116,11 @@ def _sequence_inputs(
         width = min(steps, arrays.max_length)
         pad = ((0, 0), (0, steps - width))
         order = [arrays.variables.index(v) for v in variables]
-        values = np.pad(arrays.values[rows, :width][:, :, order].astype(np.float64),
-                        (*pad, (0, 0)), constant_values=np.nan)
+        values = np.pad(
+            arrays.values[rows, :width][:, :, order].astype(np.float64),
+            (*pad, (0, 0)),
+            constant_values=np.nan,
+        )
         gaps = np.pad(np.log1p(np.maximum(arrays.gaps[rows, :width], 0.0)), pad)
         static = static_matrix(cohort).iloc[rows]
         static.insert(0, "log_length", np.log1p(arrays.lengths[rows]))
@@ -169,8 +176,9 @@ class GRUDiscriminativeScore(Metric):
         for fit_rows, test_rows in folds.split(static, labels):
             torch.manual_seed(seed)
             model = _GRUClassifier(sequences.shape[2], static.shape[1])
-            model.fit(sequences[fit_rows], static[fit_rows], lengths[fit_rows],
-                      labels[fit_rows], rng)
+            model.fit(
+                sequences[fit_rows], static[fit_rows], lengths[fit_rows], labels[fit_rows], rng
+            )
             probabilities[test_rows] = model.predict(
                 sequences[test_rows], static[test_rows], lengths[test_rows]
             )
@@ -213,7 +221,7 @@ class _GRUClassifier:
     def _batches(self, lengths: np.ndarray, rng: np.random.Generator | None) -> list[np.ndarray]:
         jitter = rng.uniform(0, 8, len(lengths)) if rng is not None else 0.0
         order = np.argsort(lengths + jitter, kind="stable")
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if rng is not None:
             rng.shuffle(batches)
         return batches

@@ -44,8 +44,11 @@ def _check_same_schema(real: Cohort, other: Cohort, label: str) -> None:
         missing = [c for c in expected if c not in got]
         extra = [c for c in got if c not in expected]
         if missing or extra:
-            what = f"lacks {kind} column {missing[0]!r}" if missing else (
-                f"has {kind} column {extra[0]!r} that the real cohort lacks")
+            what = (
+                f"lacks {kind} column {missing[0]!r}"
+                if missing
+                else (f"has {kind} column {extra[0]!r} that the real cohort lacks")
+            )
             raise SchemaError(f"the {label} cohort {what}; both must have the same schema")
     for name in (*real.variables, *real.static_columns):
         a, b = real.schema[name], other.schema[name]
@@ -59,8 +62,14 @@ def _check_same_schema(real: Cohort, other: Cohort, label: str) -> None:
 def _with_ceiling(scores: list[Score], ceiling: list[Score]) -> list[Score]:
     reference = {(s.metric, s.variable): s.value for s in ceiling}
     return [
-        Score(s.section, s.metric, s.variable, s.value, s.goal,
-              reference.get((s.metric, s.variable), np.nan))
+        Score(
+            s.section,
+            s.metric,
+            s.variable,
+            s.value,
+            s.goal,
+            reference.get((s.metric, s.variable), np.nan),
+        )
         for s in scores
     ]
 
@@ -129,10 +138,16 @@ def evaluate(
     table = pd.DataFrame([dataclasses.asdict(s) for s in scores], columns=list(SCORE_COLUMNS))
     metric_order = {m: i for i, m in enumerate(dict.fromkeys(table["metric"]))}
     section_order = {s: i for i, s in enumerate(SECTIONS)}
-    table = table.iloc[np.lexsort((table["metric"].map(metric_order),
-                                   table["section"].map(section_order)))]
+    table = table.iloc[
+        np.lexsort((table["metric"].map(metric_order), table["section"].map(section_order)))
+    ]
     if history is None and synthetic.metadata.get("history") is not None:
         history = pd.DataFrame(synthetic.metadata["history"])
     return Report(
-        table, notes, real=real, synthetic=synthetic, distances=distances, history=history,
+        table,
+        notes,
+        real=real,
+        synthetic=synthetic,
+        distances=distances,
+        history=history,
     )

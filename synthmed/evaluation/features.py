@@ -137,9 +137,7 @@ def patient_features(cohort: Cohort, exclude: Iterable[str] = ()) -> pd.DataFram
     return features.join(static_matrix(cohort, exclude))
 
 
-def standardise(
-    reference: pd.DataFrame, *others: pd.DataFrame
-) -> tuple[np.ndarray, ...]:
+def standardise(reference: pd.DataFrame, *others: pd.DataFrame) -> tuple[np.ndarray, ...]:
     """Scale every table by the reference's column means and standard deviations.
 
     Missing values become 0 (the reference mean) after scaling; columns that are constant in the

@@ -188,8 +188,13 @@ def _column_scores(real: Cohort, synthetic: Cohort) -> list[Score]:
         scores.append(_score(marginal, variable, _similarity(marginal, r, s)))
         for metric in (MissingValueSimilarity, ObservationRateError):
             scores.append(_score(metric, variable, _safely(metric.compute, r, s)))
-        scores.append(_score(TimeGapSimilarity, variable, _safely(
-            TimeGapSimilarity.compute, real.arrays, synthetic.arrays, variable)))
+        scores.append(
+            _score(
+                TimeGapSimilarity,
+                variable,
+                _safely(TimeGapSimilarity.compute, real.arrays, synthetic.arrays, variable),
+            )
+        )
     for column in real.static_columns:
         r, s = real.static[column], synthetic.static[column]
         marginal = KSComplement if real.schema[column].kind == "numeric" else TVComplement
@@ -206,32 +211,54 @@ def _sequence_scores(real: Cohort, synthetic: Cohort) -> list[Score]:
         for metric in (StatisticMSAS, InterRowMSAS):
             value = 0.0 if len(r[1]) and not len(s[1]) else _safely(metric.compute, r, s)
             scores.append(_score(metric, variable, value))
-        scores.append(_score(AutocorrelationError, variable, _safely(
-            AutocorrelationError.compute, real.arrays, synthetic.arrays, variable)))
+        scores.append(
+            _score(
+                AutocorrelationError,
+                variable,
+                _safely(AutocorrelationError.compute, real.arrays, synthetic.arrays, variable),
+            )
+        )
     scores += [
-        _score(SequenceLengthSimilarity, None, _safely(
-            SequenceLengthSimilarity.compute,
-            real.events[real.id_column], synthetic.events[synthetic.id_column])),
-        _score(TimeGapSimilarity, None, _safely(
-            TimeGapSimilarity.compute, real.arrays, synthetic.arrays)),
-        _score(MeanSequenceLengthError, None, MeanSequenceLengthError.compute(
-            real.arrays.lengths, synthetic.arrays.lengths)),
+        _score(
+            SequenceLengthSimilarity,
+            None,
+            _safely(
+                SequenceLengthSimilarity.compute,
+                real.events[real.id_column],
+                synthetic.events[synthetic.id_column],
+            ),
+        ),
+        _score(
+            TimeGapSimilarity,
+            None,
+            _safely(TimeGapSimilarity.compute, real.arrays, synthetic.arrays),
+        ),
+        _score(
+            MeanSequenceLengthError,
+            None,
+            MeanSequenceLengthError.compute(real.arrays.lengths, synthetic.arrays.lengths),
+        ),
     ]
     return scores
 
 
 def _correlation_scores(real: Cohort, synthetic: Cohort) -> list[Score]:
     numeric_static = [c for c in real.static_columns if real.schema[c].kind == "numeric"]
-    tables = [(numeric_variables(real), real.events, synthetic.events),
-              (numeric_static, real.static, synthetic.static)]
+    tables = [
+        (numeric_variables(real), real.events, synthetic.events),
+        (numeric_static, real.static, synthetic.static),
+    ]
     scores = []
     for columns, r, s in tables:
         for a, b in itertools.combinations(columns, 2):
             r_pair, s_pair = r[[a, b]].dropna(), s[[a, b]].dropna()
             if len(r_pair) < MIN_PAIR_ROWS:
                 continue
-            value = (_safely(CorrelationSimilarity.compute, r_pair, s_pair) if len(s_pair) > 2
-                     else CorrelationSimilarity.min_value)
+            value = (
+                _safely(CorrelationSimilarity.compute, r_pair, s_pair)
+                if len(s_pair) > 2
+                else CorrelationSimilarity.min_value
+            )
             scores.append(_score(CorrelationSimilarity, f"{a}|{b}", value))
     return scores
 

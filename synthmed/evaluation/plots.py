@@ -83,8 +83,14 @@ def marginals(real: Cohort, synthetic: Cohort) -> str:
             bins = _bins(np.concatenate([r.to_numpy(float), s.to_numpy(float)]))
             for values, colour in ((r, REAL), (s, SYNTHETIC)):
                 if len(values):
-                    ax.hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.45,
-                            color=colour)
+                    ax.hist(
+                        values,
+                        bins=bins,
+                        density=True,
+                        histtype="stepfilled",
+                        alpha=0.45,
+                        color=colour,
+                    )
         else:
             categories = list(real.schema[name].categories)
             width = 0.4
@@ -103,9 +109,9 @@ def _binned(cohort: Cohort, variable: str, edges: np.ndarray) -> pd.DataFrame:
     events = cohort.events[[cohort.time_column, variable]].dropna()
     bins = np.clip(np.digitize(events[cohort.time_column], edges) - 1, 0, len(edges) - 2)
     grouped = events[variable].groupby(bins)
-    frame = pd.DataFrame({
-        "mean": grouped.mean(), "low": grouped.quantile(0.1), "high": grouped.quantile(0.9)
-    })
+    frame = pd.DataFrame(
+        {"mean": grouped.mean(), "low": grouped.quantile(0.1), "high": grouped.quantile(0.9)}
+    )
     frame.index = (edges[:-1] + edges[1:])[frame.index] / 2
     return frame
 
@@ -152,8 +158,9 @@ def sample_patients(real: Cohort, synthetic: Cohort, n: int = 3, seed: int = 0) 
         for row, variable in enumerate(variables):
             points = events[[cohort.time_column, variable]].dropna()
             ax = axes[row, column]
-            ax.plot(points[cohort.time_column], points[variable], color=colour, lw=1,
-                    marker=".", ms=3)
+            ax.plot(
+                points[cohort.time_column], points[variable], color=colour, lw=1, marker=".", ms=3
+            )
             ax.tick_params(labelsize=7)
             if column == 0:
                 ax.set_ylabel(variable, fontsize=8)
@@ -206,14 +213,24 @@ def structure(real: Cohort, synthetic: Cohort) -> str:
     gaps = [observation_gaps(c.arrays) for c in (real, synthetic)]
     positive = np.concatenate(gaps)
     positive = positive[positive > 0]
-    gap_bins = (np.geomspace(positive.min(), positive.max() * 1.01, 41) if len(positive)
-                else np.linspace(0, 1, 41))
+    gap_bins = (
+        np.geomspace(positive.min(), positive.max() * 1.01, 41)
+        if len(positive)
+        else np.linspace(0, 1, 41)
+    )
     for values, colour in zip(lengths, (REAL, SYNTHETIC), strict=True):
-        axes[0].hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.45,
-                     color=colour)
+        axes[0].hist(
+            values, bins=bins, density=True, histtype="stepfilled", alpha=0.45, color=colour
+        )
     for values, colour in zip(gaps, (REAL, SYNTHETIC), strict=True):
-        axes[1].hist(values[values > 0], bins=gap_bins, density=True, histtype="stepfilled",
-                     alpha=0.45, color=colour)
+        axes[1].hist(
+            values[values > 0],
+            bins=gap_bins,
+            density=True,
+            histtype="stepfilled",
+            alpha=0.45,
+            color=colour,
+        )
     axes[0].set_title("steps per patient", fontsize=9)
     axes[1].set_title(f"gap between steps ({real.schema.time_unit})", fontsize=9)
     axes[1].set_xscale("log")
@@ -230,19 +247,34 @@ def privacy_distances(distances: NearestRecords) -> str:
     closest synthetic patient (training members vs holdout: the membership attack's signal)."""
     figure, axes = _grid(2, size=(4.2, 2.6))
     panels = (
-        (distances.synthetic_to_train[:, 0], distances.holdout_to_train[:, 0],
-         ("synthetic → train", "holdout → train"), (SYNTHETIC, REAL),
-         "distance to closest training patient"),
-        (distances.train_to_synthetic, distances.holdout_to_synthetic,
-         ("train → synthetic", "holdout → synthetic"), (OTHER, REAL),
-         "distance to closest synthetic patient"),
+        (
+            distances.synthetic_to_train[:, 0],
+            distances.holdout_to_train[:, 0],
+            ("synthetic → train", "holdout → train"),
+            (SYNTHETIC, REAL),
+            "distance to closest training patient",
+        ),
+        (
+            distances.train_to_synthetic,
+            distances.holdout_to_synthetic,
+            ("train → synthetic", "holdout → synthetic"),
+            (OTHER, REAL),
+            "distance to closest synthetic patient",
+        ),
     )
     for ax, (a, b, labels, colours, title) in zip(axes, panels, strict=True):
         high = max(float(np.percentile(np.concatenate([a, b]), 99)), 1e-9)
         bins = np.linspace(0, high, 41)
         for values, label, colour in zip((a, b), labels, colours, strict=True):
-            ax.hist(np.minimum(values, high), bins=bins, density=True, histtype="stepfilled",
-                    alpha=0.45, color=colour, label=label)
+            ax.hist(
+                np.minimum(values, high),
+                bins=bins,
+                density=True,
+                histtype="stepfilled",
+                alpha=0.45,
+                color=colour,
+                label=label,
+            )
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, frameon=False)
         ax.set_yticks([])
@@ -254,8 +286,9 @@ def training_history(history: pd.DataFrame) -> str | None:
     """One curve per numeric column of a training history (x: ``epoch``, ``step`` or row)."""
     x_name = next((c for c in ("epoch", "step") if c in history.columns), None)
     x = history[x_name] if x_name else pd.Series(np.arange(len(history)))
-    losses = [c for c in history.columns
-              if c != x_name and pd.api.types.is_numeric_dtype(history[c])]
+    losses = [
+        c for c in history.columns if c != x_name and pd.api.types.is_numeric_dtype(history[c])
+    ]
     if not losses or not len(history):
         return None
     figure = Figure(figsize=(6.5, 3.0), layout="constrained")

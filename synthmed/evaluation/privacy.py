@@ -166,8 +166,10 @@ class MembershipInferenceAUROC(_DistanceMetric):
     @classmethod
     def from_distances(cls, distances: NearestRecords) -> float:
         """AUROC of ``-distance`` with members (train) as positives."""
-        labels = np.r_[np.ones(len(distances.train_to_synthetic)),
-                       np.zeros(len(distances.holdout_to_synthetic))]
+        labels = np.r_[
+            np.ones(len(distances.train_to_synthetic)),
+            np.zeros(len(distances.holdout_to_synthetic)),
+        ]
         scores = -np.r_[distances.train_to_synthetic, distances.holdout_to_synthetic]
         return float(roc_auc_score(labels, scores))
 
@@ -186,8 +188,11 @@ def _sdmetrics_dcr(
         return _compact(table).iloc[rows].reset_index(drop=True)
 
     real_size = min(len(train), len(holdout), SDMETRICS_MAX_REAL)
-    tables = (sample(train, real_size), sample(holdout, real_size),
-              sample(synthetic, SDMETRICS_MAX_SYNTHETIC))
+    tables = (
+        sample(train, real_size),
+        sample(holdout, real_size),
+        sample(synthetic, SDMETRICS_MAX_SYNTHETIC),
+    )
     train_x, holdout_x, synthetic_x = (
         pd.DataFrame(x, columns=tables[0].columns) for x in standardise(*tables)
     )
@@ -195,8 +200,9 @@ def _sdmetrics_dcr(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         value = DCROverfittingProtection.compute(train_x, synthetic_x, holdout_x, metadata, None)
-    return Score("privacy", "DCROverfittingProtection", None, float(value),
-                 goal_of(DCROverfittingProtection))
+    return Score(
+        "privacy", "DCROverfittingProtection", None, float(value), goal_of(DCROverfittingProtection)
+    )
 
 
 def privacy_scores(
@@ -213,15 +219,32 @@ def privacy_scores(
     holdout_copies = float(np.mean(distances.holdout_to_train[:, 0] < EXACT_COPY_TOLERANCE))
     holdout_nndr = float(np.median(_nndr(distances.holdout_to_train)))
     scores = [
-        Score("privacy", DCRRatio.name, None, DCRRatio.from_distances(distances),
-              goal_of(DCRRatio), 1.0),
-        Score("privacy", NNDR.name, None, NNDR.from_distances(distances), goal_of(NNDR),
-              holdout_nndr),
-        Score("privacy", ExactCopyRate.name, None, ExactCopyRate.from_distances(distances),
-              goal_of(ExactCopyRate), holdout_copies),
-        Score("privacy", MembershipInferenceAUROC.name, None,
-              MembershipInferenceAUROC.from_distances(distances),
-              goal_of(MembershipInferenceAUROC)),
+        Score(
+            "privacy",
+            DCRRatio.name,
+            None,
+            DCRRatio.from_distances(distances),
+            goal_of(DCRRatio),
+            1.0,
+        ),
+        Score(
+            "privacy", NNDR.name, None, NNDR.from_distances(distances), goal_of(NNDR), holdout_nndr
+        ),
+        Score(
+            "privacy",
+            ExactCopyRate.name,
+            None,
+            ExactCopyRate.from_distances(distances),
+            goal_of(ExactCopyRate),
+            holdout_copies,
+        ),
+        Score(
+            "privacy",
+            MembershipInferenceAUROC.name,
+            None,
+            MembershipInferenceAUROC.from_distances(distances),
+            goal_of(MembershipInferenceAUROC),
+        ),
         _sdmetrics_dcr(*features, seed),
     ]
     return scores, distances

@@ -39,11 +39,11 @@ FIDELITY_QUALITY = {
 
 _CARD_TEXT = {
     "fidelity": "Resemblance of values, missingness, dynamics and sequence structure; "
-                "1 is indistinguishable from the real cohort.",
+    "1 is indistinguishable from the real cohort.",
     "utility": "Models trained on synthetic data, tested on real patients, relative to the same "
-               "models trained on real data; 1 is as good.",
+    "models trained on real data; 1 is as good.",
     "privacy": "Distance of synthetic patients to the training patients relative to unseen "
-               "patients, copies and membership inference; 1 is no sign of leakage.",
+    "patients, copies and membership inference; 1 is no sign of leakage.",
 }
 _CARD_METRICS = {
     "fidelity": ("discriminative_score", "discriminative_auroc", "discriminative_score_gru"),
@@ -131,8 +131,11 @@ class Report:
         outcome = _clip((tstr - 0.5) / (trtr - 0.5)) if trtr > 0.5 else math.nan
         forecast = _mean(self._forecast_qualities())
         nndr = scores[scores["metric"] == "nndr"]
-        nndr_part = (_clip(float(nndr["value"].iloc[0] / nndr["ceiling"].iloc[0]))
-                     if len(nndr) and nndr["ceiling"].iloc[0] > 0 else math.nan)
+        nndr_part = (
+            _clip(float(nndr["value"].iloc[0] / nndr["ceiling"].iloc[0]))
+            if len(nndr) and nndr["ceiling"].iloc[0] > 0
+            else math.nan
+        )
         privacy = [
             _clip(_value(scores, "dcr_ratio")),
             nndr_part,
@@ -147,14 +150,17 @@ class Report:
 
     def _forecast_qualities(self) -> list[float]:
         """``min(1, 1 / ratio)`` per variable; 0 where only TRTR could be trained."""
-        rows = self.scores[self.scores["metric"].str.startswith("next_value_mae_")
-                           & self.scores["variable"].notna()]
+        rows = self.scores[
+            self.scores["metric"].str.startswith("next_value_mae_")
+            & self.scores["variable"].notna()
+        ]
         if rows.empty:
             return []
         table = rows.pivot(index="variable", columns="metric", values="value")
         qualities = []
-        for ratio, reference in zip(table["next_value_mae_ratio"],
-                                    table["next_value_mae_trtr"], strict=True):
+        for ratio, reference in zip(
+            table["next_value_mae_ratio"], table["next_value_mae_trtr"], strict=True
+        ):
             if not math.isnan(ratio):
                 qualities.append(min(1.0, 1.0 / ratio) if ratio > 0 else 1.0)
             elif not math.isnan(reference):
@@ -165,6 +171,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """Summary, scores (one dict per row, NaN as None), notes and the synthetic metadata."""
+
         def plain(value: Any) -> Any:
             if isinstance(value, float | np.floating):
                 return None if math.isnan(value) else float(value)
@@ -172,7 +179,9 @@ class Report:
 
         records = [
             {k: plain(v) for k, v in row.items()}
-            for row in self.scores.astype(object).where(self.scores.notna(), None).to_dict("records")
+            for row in self.scores.astype(object)
+            .where(self.scores.notna(), None)
+            .to_dict("records")
         ]
         return {
             "summary": {k: plain(v) for k, v in self.summary().items()},
@@ -197,28 +206,39 @@ class Report:
         drawn = {
             "marginals": ("Marginal distributions", plots.marginals(real, synthetic)),
             "structure": ("Sequence lengths and time gaps", plots.structure(real, synthetic)),
-            "trajectories": ("Mean trajectories with 10–90% bands",
-                             plots.trajectories(real, synthetic)),
+            "trajectories": (
+                "Mean trajectories with 10–90% bands",
+                plots.trajectories(real, synthetic),
+            ),
             "patients": ("Sample patients", plots.sample_patients(real, synthetic)),
-            "correlations": ("Correlations between variables",
-                             plots.correlations(real, synthetic)),
+            "correlations": ("Correlations between variables", plots.correlations(real, synthetic)),
             "observation-rates": ("Observation rates", plots.observation_rates(real, synthetic)),
             "utility": ("Train on synthetic, test on real", plots.utility_bars(self.scores)),
         }
         if self._distances is not None:
-            drawn["privacy-distances"] = ("Nearest-record distances",
-                                          plots.privacy_distances(self._distances))
+            drawn["privacy-distances"] = (
+                "Nearest-record distances",
+                plots.privacy_distances(self._distances),
+            )
         if self._history is not None:
-            drawn["training-history"] = ("Training losses",
-                                         plots.training_history(pd.DataFrame(self._history)))
+            drawn["training-history"] = (
+                "Training losses",
+                plots.training_history(pd.DataFrame(self._history)),
+            )
         return {key: item for key, item in drawn.items() if item[1] is not None}
 
     def to_html(self, path: str | Path) -> Path:
         """Write one self-contained HTML file (figures embedded as PNG, no network access)."""
         figures = self.figures()
         sections = {
-            "fidelity": ["marginals", "structure", "trajectories", "patients", "correlations",
-                         "observation-rates"],
+            "fidelity": [
+                "marginals",
+                "structure",
+                "trajectories",
+                "patients",
+                "correlations",
+                "observation-rates",
+            ],
             "utility": ["utility"],
             "privacy": ["privacy-distances"],
             "training": ["training-history"],
@@ -232,7 +252,8 @@ class Report:
             body += [_figure(k, *figures[k]) for k in shown]
             body.append("</section>")
         template = Template(
-            resources.files("synthmed.evaluation").joinpath("templates/report.html")
+            resources.files("synthmed.evaluation")
+            .joinpath("templates/report.html")
             .read_text(encoding="utf-8")
         )
         page = template.substitute(
@@ -257,8 +278,11 @@ class Report:
             width = 0 if math.isnan(value) else round(100 * value)
             lines = [
                 f"<li>{m}: <b>{_fmt(_value(self.scores, m))}</b>"
-                + (f" (real vs real {_fmt(_value(self.scores, m, 'ceiling'))})"
-                   if not math.isnan(_value(self.scores, m, "ceiling")) else "")
+                + (
+                    f" (real vs real {_fmt(_value(self.scores, m, 'ceiling'))})"
+                    if not math.isnan(_value(self.scores, m, "ceiling"))
+                    else ""
+                )
                 + "</li>"
                 for m in _CARD_METRICS[section]
                 if not math.isnan(_value(self.scores, m))

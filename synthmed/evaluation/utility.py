@@ -70,9 +70,7 @@ class OutcomeAUROC(Metric):
     max_value = 1.0
 
     @classmethod
-    def compute(
-        cls, train_data: Cohort, test_data: Cohort, outcome: str, seed: int = 0
-    ) -> float:
+    def compute(cls, train_data: Cohort, test_data: Cohort, outcome: str, seed: int = 0) -> float:
         """Fit on ``train_data``, score on ``test_data`` (cohorts with the same schema)."""
         x_fit, y_fit = _outcome_table(train_data, outcome)
         x_test, y_test = _outcome_table(test_data, outcome)
@@ -81,8 +79,12 @@ class OutcomeAUROC(Metric):
         if len(np.unique(y_fit)) < 2:
             return 0.5
         model = HistGradientBoostingClassifier(
-            max_iter=200, learning_rate=0.05, max_leaf_nodes=15, l2_regularization=1.0,
-            early_stopping=False, random_state=seed,
+            max_iter=200,
+            learning_rate=0.05,
+            max_leaf_nodes=15,
+            l2_regularization=1.0,
+            early_stopping=False,
+            random_state=seed,
         )
         model.fit(without_empty_columns(x_fit.to_numpy()), y_fit)
         probabilities = model.predict_proba(x_test[x_fit.columns].to_numpy())[:, 1]
@@ -130,16 +132,17 @@ class NextValueMAE(Metric):
     max_value = np.inf
 
     @classmethod
-    def compute(
-        cls, train_data: Cohort, test_data: Cohort, variable: str, seed: int = 0
-    ) -> float:
+    def compute(cls, train_data: Cohort, test_data: Cohort, variable: str, seed: int = 0) -> float:
         """Fit on ``train_data``, score on ``test_data`` (cohorts with the same schema)."""
         x_fit, y_fit = next_value_table(train_data, variable, seed=seed)
         x_test, y_test = next_value_table(test_data, variable, seed=seed)
         if len(y_fit) == 0 or len(y_test) == 0:
             return np.nan
         model = HistGradientBoostingRegressor(
-            max_iter=50, learning_rate=0.15, max_leaf_nodes=15, early_stopping=False,
+            max_iter=50,
+            learning_rate=0.15,
+            max_leaf_nodes=15,
+            early_stopping=False,
             random_state=seed,
         )
         model.fit(without_empty_columns(x_fit.to_numpy()), y_fit)
@@ -170,10 +173,20 @@ def utility_scores(
     else:
         maximize = goal_of(OutcomeAUROC)
         scores += [
-            Score("utility", "tstr_auroc", outcome,
-                  OutcomeAUROC.compute(synthetic, real, outcome, seed=seed), maximize),
-            Score("utility", "trtr_auroc", outcome,
-                  OutcomeAUROC.compute(train, real, outcome, seed=seed), maximize),
+            Score(
+                "utility",
+                "tstr_auroc",
+                outcome,
+                OutcomeAUROC.compute(synthetic, real, outcome, seed=seed),
+                maximize,
+            ),
+            Score(
+                "utility",
+                "trtr_auroc",
+                outcome,
+                OutcomeAUROC.compute(train, real, outcome, seed=seed),
+                maximize,
+            ),
         ]
     ratios = []
     for variable in numeric_variables(real):

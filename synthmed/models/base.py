@@ -255,6 +255,8 @@ class Synthesizer(abc.ABC):
         a resumed run draws the same numbers as an uninterrupted one.
         """
         assert self._checkpoint_dir is not None
+        if not distributed.is_main_process():
+            return
         self._checkpoint_dir.mkdir(parents=True, exist_ok=True)
         payload = {
             "fingerprint": self._fingerprint,
@@ -308,9 +310,15 @@ class Synthesizer(abc.ABC):
         per patient, so one patient is one privacy unit.
         """
         if self.epsilon is None:
-            # Under torchrun: DistributedDataParallel + DistributedSampler; otherwise identity.
+            # Under torchrun: DistributedDataParallel and a per-rank share of every minibatch
+            # (a model may set ``distributed_strategy = "allreduce"``); otherwise identity.
             module, data_loader = distributed.parallelize(
-                module, data_loader, self.device_, self.seed_
+                module,
+                data_loader,
+                self.device_,
+                self.seed_,
+                optimizer=optimizer,
+                strategy=getattr(self, "distributed_strategy", "ddp"),
             )
             return module, optimizer, data_loader
         if distributed.is_distributed():

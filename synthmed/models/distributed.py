@@ -135,22 +135,50 @@ class _RankBatches(Sampler):
             yield mine or [batch[self.rank % len(batch)]]
 
 
+def _average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Replace every gradient by its mean over the ranks (one all-reduce of a flat buffer)."""
+    if not parameters:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for parameter, grad in zip(parameters, grads, strict=True):
+        size = grad.numel()
+        parameter.grad = flat[offset : offset + size].view_as(grad).clone()
+        offset += size
+
+
 def parallelize(
     module: torch.nn.Module,
     data_loader: DataLoader,
     device: torch.device,
     seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    strategy: str = "ddp",
 ) -> tuple[torch.nn.Module, DataLoader]:
-    """Wrap ``module`` in DDP and share ``data_loader``'s minibatches across ranks.
+    """Make ``module``'s training data-parallel across ranks; identity outside a job.
 
-    Outside a distributed job this returns its arguments unchanged. Inside one, the returned
-    loader yields this rank's part of each minibatch drawn by the original loader's batch
-    sampler (see :class:`_RankBatches`), with the original dataset, collate function and
-    workers. ``seed`` is accepted for samplers that need one; the original sampler's own
-    seeding decides the order.
+    Inside a job, the returned loader yields this rank's part of each minibatch drawn by the
+    original loader's batch sampler (see :class:`_RankBatches`), with the original dataset,
+    collate function and workers, and the gradients are averaged over the ranks at every step:
+
+    - ``strategy="ddp"`` (default): ``module`` is wrapped in DistributedDataParallel, which
+      all-reduces gradients during the backward pass of any computation that goes through its
+      ``forward``.
+    - ``strategy="allreduce"``: for losses DDP does not support (a gradient penalty computed
+      with ``torch.autograd.grad``, several forward passes per step), ``module`` is returned as
+      it is, its parameters are broadcast from rank 0, and ``optimizer`` averages the gradients
+      over the ranks before each ``step()``.
+
+    ``seed`` is accepted for samplers that need one; the original sampler's own seeding decides
+    the order.
     """
     if not is_distributed():
         return module, data_loader
+    if strategy not in ("ddp", "allreduce"):
+        raise ValueError(f"distributed strategy must be 'ddp' or 'allreduce', got {strategy!r}")
     if data_loader.batch_sampler is None:
         raise SynthmedError(
             "distributed training needs a DataLoader that draws minibatches "
@@ -165,6 +193,15 @@ def parallelize(
         num_workers=data_loader.num_workers,
         pin_memory=data_loader.pin_memory,
     )
+    if strategy == "allreduce":
+        if optimizer is None:
+            raise SynthmedError("the 'allreduce' distributed strategy needs the optimizer")
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor, src=0)
+        optimizer.register_step_pre_hook(lambda *_: _average_gradients(parameters))
+        return module, loader
     device_ids = (
         [device.index if device.index is not None else 0] if device.type == "cuda" else None
     )

@@ -1,0 +1,995 @@
+"""A conditional recurrent GAN for longitudinal patient records (RCGAN / DoppelGANger line).
+
+Generation: a static MLP draws the static attributes (outcome included), conditioned on any
+subset of given columns; an LSTM then draws the patient's sequence conditioned on that static
+vector, ``steps_per_cell`` steps per LSTM step (DoppelGANger's batch generation). Every step
+carries a time gap, an observation mask, the values and an end flag, so irregular times,
+missingness and sequence lengths are generated rather than imputed. What RCGAN and DoppelGANger
+lack, added here (details in :mod:`synthmed.models.cgan_networks`):
+
+- the elapsed time, each variable's last observed value and which variables were seen are fed
+  back into the LSTM at every LSTM step (the state is carried forward, never recomputed);
+- per-patient latents drawn with the initial state: each variable's centre and half-range
+  (DoppelGANger's per-sample auto-normalisation, values are ``centre + half_range * tanh``),
+  a persistence with which values follow their targets (a latent trajectory that the
+  observations sample, so consecutive observations are as close as in real records) and the
+  end of the observation window (steps past it are cut: stays end where the window ends);
+- values and gaps go through soft bounds in the encoded space and hard clipping at decoding,
+  so every value honours the schema's bounds (no negative blood pressure); integer columns are
+  rounded; steps in which nothing was observed are dropped.
+
+Objective: WGAN-GP (Gulrajani et al., 2017) with two critics, one on the static vector (and
+which of its columns were given) and one on the whole patient: the static vector,
+differentiable per-patient summaries (counts, rates, mean, spread, extremes, first and last
+values, step-to-step change, length, duration) and the flattened steps, each embedded by a
+shared linear layer. The penalty is taken in the critics' input space; a small drift term keeps
+scores near zero. Binary and categorical outputs are straight-through Gumbel samples: critics
+see exactly discrete masks, end flags and categories, the generator gets relaxed gradients.
+The static part, an MLP that needs several critic updates per generator update to settle,
+gets extra cheap updates per batch (``static_critic_steps`` critic updates, then one generator
+update; then these are its only updates, keeping that ratio), and it learns from the static
+critic alone.
+
+Conditioning: the static generator is trained with random condition masks (CTGAN-style). The
+given values are the generator's own first, unconditional draw: the critic compares
+``(given, drawn)`` with real rows under the same random masks, which teaches every conditional
+``p(rest | given)`` while only the critics ever see real data (the property DP training needs).
+At sampling, given cells are copied into the vector the sequence generator sees and into the
+output exactly.
+
+Differential privacy: only the critics touch real patients, through one DataLoader of patient
+indices, so only they are trained with DP-SGD (``Synthesizer._make_private``); the generators learn
+from the critics' outputs on generated data and are covered by post-processing. Under DP the
+gradient penalty is taken between pairs of generated patients with the per-sample hooks off (no
+real data, so its gradient is added after per-patient clipping and noise at no privacy cost), the
+extra static critic updates (which would reuse a batch) are off, and the layout (encoder, scaler,
+gap scale, number of steps) comes from the schema's bounds and ``config.max_steps``, not the data.
+Losses on real patients are dropped from ``history_`` (``privacy.releasable_history``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from synthmed.cohort import Cohort
+from synthmed.encoding import category_codes, decode_codes
+from synthmed.errors import DataError
+from synthmed.models.base import GeneratedBatch, Synthesizer
+from synthmed.models.cgan_networks import (
+    STEP_PREFIX,
+    Critic,
+    Generator,
+    Head,
+    SequenceGenerator,
+    StaticGenerator,
+    summaries,
+)
+from synthmed.models.transforms import StaticEncoder, ValueScaler
+from synthmed.schema import ColumnSchema, Schema
+
+#: See :func:`_value_grid`.
+GRID_MAX_VALUES = 100
+GRID_MIN_COUNT = 5
+GRID_COVER = 0.95
+
+HISTORY_COLUMNS = (
+    "epoch",
+    "generator_loss",
+    "critic_loss",
+    "gradient_penalty",
+    "wasserstein_static",
+    "wasserstein_patient",
+    "seconds",
+)
+
+
+@dataclasses.dataclass
+class CGANConfig:
+    """Architecture and objective settings of :class:`CGANSynthesizer`.
+
+    Attributes:
+        static_noise_dim: Noise dimensions of the static generator.
+        static_hidden, static_layers: Width and depth of the static generator.
+        sequence_noise_dim: Noise dimensions per patient and per LSTM step.
+        lstm_hidden, lstm_layers: Size of the sequence generator's LSTM.
+        steps_per_cell: Steps emitted per LSTM step (DoppelGANger's ``sample_len``); larger is
+            faster, smaller follows step-to-step dynamics more closely.
+        step_embedding: Width of the per-step embedding the patient critic flattens.
+        critic_hidden, critic_layers: Width and depth of both critics.
+        generator_lr, critic_lr: Adam learning rates.
+        betas: Adam betas (WGAN-GP's (0.5, 0.9)).
+        critic_steps: Critic updates per generator update.
+        static_critic_steps: Extra updates of the static critic per batch, followed by one
+            extra update of the static generator; 0 disables them. Off under DP, where every
+            use of a batch must be accounted for.
+        gradient_penalty: Weight of the WGAN-GP gradient penalty.
+        drift_penalty: Weight of ``E[critic(real)**2]``, keeping scores near zero.
+        static_weight: Weight of the static critic relative to the patient critic.
+        condition_rate: Share of training rows whose static draw is conditioned on a random
+            subset of columns (so that any subset can be given at sampling).
+        temperature: Temperature of the straight-through Gumbel relaxations.
+        max_steps: Longest sequence modelled; longer training sequences are truncated.
+        sample_batch_size: Patients generated per forward pass when sampling.
+    """
+
+    static_noise_dim: int = 32
+    static_hidden: int = 128
+    static_layers: int = 2
+    sequence_noise_dim: int = 16
+    lstm_hidden: int = 100
+    lstm_layers: int = 1
+    steps_per_cell: int = 10
+    step_embedding: int = 8
+    critic_hidden: int = 256
+    critic_layers: int = 2
+    generator_lr: float = 1e-3
+    critic_lr: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.9)
+    critic_steps: int = 1
+    static_critic_steps: int = 5
+    gradient_penalty: float = 10.0
+    drift_penalty: float = 1e-3
+    static_weight: float = 1.0
+    condition_rate: float = 0.5
+    temperature: float = 0.5
+    max_steps: int = 512
+    sample_batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        positive_ints = (
+            "static_noise_dim",
+            "static_hidden",
+            "static_layers",
+            "sequence_noise_dim",
+            "lstm_hidden",
+            "lstm_layers",
+            "steps_per_cell",
+            "step_embedding",
+            "critic_hidden",
+            "critic_layers",
+            "critic_steps",
+            "max_steps",
+            "sample_batch_size",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CGANConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("generator_lr", "critic_lr", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"CGANConfig.{name} must be a positive number, got {value!r}")
+        steps = self.static_critic_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(
+                f"CGANConfig.static_critic_steps must be an integer >= 0, got {steps!r}"
+            )
+        for name in ("gradient_penalty", "drift_penalty", "static_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"CGANConfig.{name} must be a number >= 0, got {value!r}")
+        if not 0 <= self.condition_rate <= 1:
+            raise ValueError(
+                f"CGANConfig.condition_rate must be in [0, 1], got {self.condition_rate!r}"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"CGANConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclasses.dataclass
+class _Layout:
+    """How a cohort maps to tensors; fitted from data, saved with the model."""
+
+    encoder: StaticEncoder
+    scaler: ValueScaler
+    n_steps: int
+    gap_scale: float
+    time_max: float
+    time_resolution: float | None = None
+    grids: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def schema(self) -> Schema:
+        return self.encoder.schema_
+
+    @property
+    def variables(self) -> list[str]:
+        return self.schema.temporal_columns
+
+    @property
+    def max_log_gap(self) -> float:
+        return float(np.log1p(self.time_max / self.gap_scale))
+
+    def static_heads(self) -> tuple[list[Head], list[tuple[int, int]]]:
+        heads, pairs = [], []
+        for block in self.encoder.blocks_:
+            if block.kind == "numeric":
+                info, column = self.encoder.columns_[block.name], self.schema[block.name]
+                lower, upper = (
+                    None if bound is None else (bound - info["center"]) / info["scale"]
+                    for bound in (column.lower, column.upper)
+                )
+                heads.append(Head("numeric", block.start, 1, lower, upper))
+                if block.has_missing:
+                    heads.append(Head("binary", block.start + 1))
+                    pairs.append((block.start, block.start + 1))
+            else:
+                heads.append(Head("categorical", block.start, block.width))
+        return heads, pairs
+
+    def value_heads(self) -> list[Head]:
+        schema, heads, start = self.schema, [], 0
+        lower = np.array([_bound(schema[v].lower, -np.inf) for v in self.variables])
+        upper = np.array([_bound(schema[v].upper, np.inf) for v in self.variables])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lower, upper = self.scaler.transform(lower), self.scaler.transform(upper)
+        for j, name in enumerate(self.variables):
+            column = schema[name]
+            if column.kind == "numeric":
+                low = float(lower[j]) if np.isfinite(lower[j]) else None
+                high = float(upper[j]) if np.isfinite(upper[j]) else None
+                heads.append(Head("numeric", start, 1, low, high))
+                start += 1
+            else:
+                heads.append(Head("categorical", start, len(column.categories)))
+                start += len(column.categories)
+        return heads
+
+    def column_dims(self) -> torch.Tensor:
+        """``[n_columns, width]`` 0/1: which encoded dimensions belong to each static column."""
+        dims = torch.zeros(len(self.encoder.blocks_), self.encoder.width_)
+        for i, block in enumerate(self.encoder.blocks_):
+            dims[i, block.start : block.start + block.width] = 1.0
+        return dims
+
+    def missing_dims(self) -> torch.Tensor:
+        """``[n_columns, width]`` 0/1: each static column's missing-indicator dimension."""
+        dims = torch.zeros(len(self.encoder.blocks_), self.encoder.width_)
+        for i, block in enumerate(self.encoder.blocks_):
+            if block.has_missing:
+                dims[i, block.start + block.width - 1] = 1.0
+        return dims
+
+    def encode_steps(self, cohort: Cohort) -> torch.Tensor:
+        """The cohort's sequences in the critic's step layout, ``[N, n_steps, F]``."""
+        arrays, t = cohort.arrays, self.n_steps
+        n, v = arrays.n_patients, len(self.variables)
+        lengths = np.minimum(arrays.lengths, t)
+        width = arrays.values.shape[1]
+        alive = np.arange(t)[None, :] < lengths[:, None]
+        steps_present = min(width, t)
+        gaps = np.zeros((n, t))
+        times = np.zeros((n, t))
+        mask = np.zeros((n, t, v), dtype=bool)
+        raw = np.full((n, t, v), np.nan, dtype=np.float32)
+        gaps[:, :steps_present] = arrays.gaps[:, :steps_present]
+        times[:, :steps_present] = arrays.times[:, :steps_present]
+        mask[:, :steps_present] = arrays.mask[:, :steps_present]
+        raw[:, :steps_present] = arrays.values[:, :steps_present]
+        mask &= alive[..., None]
+        scaled = np.nan_to_num(self.scaler.transform(raw), nan=0.0)
+        columns = []
+        for j, head in enumerate(self.value_heads()):
+            if head.kind == "numeric":
+                columns.append(scaled[..., j : j + 1])
+            else:
+                codes = np.where(mask[..., j], np.nan_to_num(raw[..., j], nan=0), -1).astype(int)
+                columns.append(np.eye(head.width + 1, dtype=np.float32)[codes][..., : head.width])
+        values = np.concatenate(columns, axis=-1) if columns else np.zeros((n, t, 0))
+        values = values * _expand(mask, self.value_heads())
+        steps = np.concatenate(
+            [
+                (np.log1p(gaps / self.gap_scale) * alive)[..., None],
+                (times / self.time_max * alive)[..., None],
+                alive[..., None],
+                mask,
+                values,
+            ],
+            axis=-1,
+        )
+        return torch.as_tensor(steps, dtype=torch.float32)
+
+    def decode_steps(self, steps: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Generated steps → ``(times, values, lengths)``.
+
+        Steps without any observation are dropped, values are put back in schema units inside
+        the bounds, and times are rounded to the training data's time resolution when it has one
+        (whole minutes, an hourly grid), steps that then share a time being merged into one.
+        """
+        steps = steps.detach().cpu().numpy()
+        v = len(self.variables)
+        times = steps[..., 1].astype(np.float64) * self.time_max
+        if self.time_resolution:
+            times = np.round(times / self.time_resolution) * self.time_resolution
+        alive = (steps[..., 2] > 0.5) & (steps[..., 1] <= 1.0 + 1e-6)
+        mask = (steps[..., STEP_PREFIX : STEP_PREFIX + v] > 0.5) & alive[..., None]
+        raw = steps[..., STEP_PREFIX + v :]
+        codes = np.zeros(mask.shape, dtype=np.float32)
+        for j, head in enumerate(self.value_heads()):
+            part = raw[..., head.start : head.start + head.width]
+            codes[..., j] = part[..., 0] if head.kind == "numeric" else part.argmax(-1)
+        values = self.scaler.inverse(codes)
+        for j, name in enumerate(self.variables):
+            if name in self.grids:
+                values[..., j] = _snap(values[..., j], self.grids[name], self.schema[name])
+        values[~mask] = np.nan
+        keep = mask.any(-1)
+        # Move kept steps to the front of each row, in order (a stable sort on "not kept").
+        order = np.argsort(~keep, axis=1, kind="stable")
+        lengths = keep.sum(1)
+        width = int(lengths.max()) if len(lengths) else 0
+        order = order[:, :width]
+        times = np.maximum.accumulate(np.maximum(np.take_along_axis(times, order, 1), 0), axis=1)
+        values = np.take_along_axis(values, order[..., None], 1)
+        inside = np.arange(width)[None, :] < lengths[:, None]
+        return _merge_equal_times(np.where(inside, times, 0.0), values, lengths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "encoder": self.encoder.to_dict(),
+            "scaler": self.scaler.to_dict(),
+            "n_steps": self.n_steps,
+            "gap_scale": self.gap_scale,
+            "time_max": self.time_max,
+            "time_resolution": self.time_resolution,
+            "grids": self.grids,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], schema: Schema) -> _Layout:
+        # Model files store JSON with sorted keys: restore the schema's column order, which
+        # fixes each column's slice of the encoded vector.
+        columns = data["encoder"]["columns"]
+        ordered = {"columns": {name: columns[name] for name in schema.static_columns}}
+        return cls(
+            StaticEncoder.from_dict(ordered, schema),
+            ValueScaler.from_dict(data["scaler"], schema),
+            int(data["n_steps"]),
+            float(data["gap_scale"]),
+            float(data["time_max"]),
+            data.get("time_resolution"),
+            data.get("grids", {}),
+        )
+
+
+def _value_grid(values: np.ndarray) -> dict[str, Any]:
+    """How a numeric column's values are recorded, so generated values can be recorded alike.
+
+    ``{"decimals": d}`` when ``GRID_COVER`` of the values have at most ``d <= 4`` decimals (a
+    heart rate in whole beats, a temperature to 0.1 degree). ``"support"`` is added when the
+    values seen at least ``GRID_MIN_COUNT`` times (no rare, identifying value) are at most
+    ``GRID_MAX_VALUES``, cover ``GRID_COVER`` of the observations and lie at least three lattice
+    units apart (a height charted in whole inches, stored in centimetres).
+    """
+    if len(values) == 0:
+        return {}
+    decimals = None
+    for d in range(5):
+        scaled = values * 10**d
+        # Relative tolerance: temporal values come as float32 (37.2 is 37.2000007...).
+        if (
+            np.mean(np.abs(scaled - np.round(scaled)) < 1e-5 * np.maximum(np.abs(scaled), 1))
+            >= GRID_COVER
+        ):
+            decimals = d
+            break
+    if decimals is not None:
+        values = np.round(values, decimals)
+    distinct, counts = np.unique(values, return_counts=True)
+    frequent = distinct[counts >= GRID_MIN_COUNT]
+    covered = counts[counts >= GRID_MIN_COUNT].sum() >= GRID_COVER * len(values)
+    if 1 < len(frequent) <= GRID_MAX_VALUES and covered:
+        unit = 10.0 ** -(4 if decimals is None else decimals)
+        if np.median(np.diff(frequent)) >= 3 * unit:
+            grid = {"support": frequent.tolist()}
+            return grid if decimals is None else {**grid, "decimals": decimals}
+    return {} if decimals is None else {"decimals": decimals}
+
+
+def _snap(values: np.ndarray, grid: dict[str, Any], column: ColumnSchema) -> np.ndarray:
+    """``values`` moved onto their column's grid (see :func:`_value_grid`) where that stays
+    inside the column's bounds; NaN stays NaN."""
+    if not grid:
+        return values
+    rounded = np.round(values, grid["decimals"]) if "decimals" in grid else values
+    if "support" in grid:
+        support = np.asarray(grid["support"], dtype=np.float64)
+        right = np.clip(np.searchsorted(support, values), 1, len(support) - 1)
+        left = right - 1
+        nearer_left = np.abs(values - support[left]) <= np.abs(support[right] - values)
+        snapped = np.where(nearer_left, support[left], support[right])
+        # Beyond the support (rare tails) values are only rounded.
+        far = np.abs(snapped - values) > np.diff(support).max() / 2
+        snapped = np.where(far, rounded, snapped)
+    else:
+        snapped = rounded
+    lower = -np.inf if column.lower is None else column.lower
+    upper = np.inf if column.upper is None else column.upper
+    inside = (snapped >= lower) & (snapped <= upper)
+    return np.where(np.isnan(values), np.nan, np.where(inside, snapped, values))
+
+
+def _time_resolution(times: np.ndarray) -> float | None:
+    """The lattice the times lie on (the smallest positive gap between distinct times, when
+    every time is a whole multiple of it: whole minutes, an hourly grid), else None."""
+    distinct = np.unique(times)
+    if len(distinct) < 2:
+        return None
+    unit = float(np.diff(distinct).min())
+    multiples = distinct / unit
+    return unit if np.allclose(multiples, np.round(multiples), rtol=0, atol=1e-6) else None
+
+
+def _merge_equal_times(
+    times: np.ndarray, values: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge consecutive steps of a patient that share a time into one step (a later step's
+    value wins where both observed a variable)."""
+    width = times.shape[1]
+    inside = np.arange(width)[None, :] < lengths[:, None]
+    repeated = np.zeros_like(inside)
+    repeated[:, 1:] = (times[:, 1:] == times[:, :-1]) & inside[:, 1:]
+    if not repeated.any():
+        return times, values, lengths
+    group = np.cumsum(~repeated, axis=1) - 1
+    new_lengths = np.where(
+        lengths > 0, np.take_along_axis(group, np.maximum(lengths - 1, 0)[:, None], 1)[:, 0] + 1, 0
+    )
+    new_width = int(new_lengths.max())
+    rows = np.broadcast_to(np.arange(len(times))[:, None], group.shape)
+    merged_times = np.zeros((len(times), new_width))
+    merged_times[rows[inside], group[inside]] = times[inside]
+    merged = np.full((len(times), new_width, values.shape[2]), np.nan)
+    for j in range(values.shape[2]):
+        row, step = np.nonzero(inside & ~np.isnan(values[..., j]))
+        key = row * new_width + group[row, step]
+        # Entries come in (row, step) order, so the last of each run of equal keys is the
+        # last observation of the variable among the merged steps.
+        last = np.append(key[1:] != key[:-1], True) if len(key) else np.zeros(0, dtype=bool)
+        merged[row[last], group[row[last], step[last]], j] = values[row[last], step[last], j]
+    return merged_times, merged, new_lengths
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(2**62, (1,), generator=generator))
+
+
+def _bound(value: float | None, default: float) -> float:
+    return default if value is None else float(value)
+
+
+def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
+    return np.repeat(mask, [h.width for h in heads], axis=-1).astype(np.float32)
+
+
+class CGANSynthesizer(Synthesizer):
+    """Conditional recurrent GAN: static generator, LSTM sequence generator, WGAN-GP critics.
+
+    Args:
+        epochs: Passes of the critic over the training patients. The default fits PhysioNet
+            2012's set-a (4,000 stays, 8 variables, raw times) in about 10 minutes of one CPU
+            core.
+        batch_size: Patients per step (real and generated alike).
+        seed, device, verbose, epsilon, delta, max_grad_norm: See
+            :class:`~synthmed.models.base.Synthesizer`.
+        config: Architecture and objective settings (:class:`CGANConfig`); defaults if None.
+
+    After ``fit``, ``history_`` holds one row per epoch: ``generator_loss``, ``critic_loss``,
+    ``gradient_penalty``, ``wasserstein_static`` and ``wasserstein_patient`` (the critics'
+    estimates of the Wasserstein distance, which should shrink and settle) and ``seconds``.
+
+    Example:
+        >>> synth = CGANSynthesizer(seed=0).fit(train)  # doctest: +SKIP
+        >>> synth.sample(100, conditions={"In-hospital_death": 1})  # doctest: +SKIP
+        >>> synth.history_.plot(x="epoch", y=["wasserstein_static", "wasserstein_patient"])  # doctest: +SKIP
+    """
+
+    model_type: ClassVar[str] = "cgan"
+    config_class: ClassVar[type] = CGANConfig
+    # The gradient penalty and several critic passes per step trip DDP's hooks: average
+    # gradients just before each optimizer step instead.
+    distributed_strategy: ClassVar[str] = "allreduce"
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 120,
+        batch_size: int = 100,
+        seed: int | None = 0,
+        device: str = "auto",
+        verbose: bool = True,
+        epsilon: float | None = None,
+        delta: float | None = None,
+        max_grad_norm: float = 1.0,
+        config: CGANConfig | None = None,
+    ) -> None:
+        super().__init__(
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            verbose=verbose,
+            epsilon=epsilon,
+            delta=delta,
+            max_grad_norm=max_grad_norm,
+        )
+        if config is not None and not isinstance(config, CGANConfig):
+            raise ValueError(f"config must be a CGANConfig, got {type(config).__name__}")
+        self.config = config if config is not None else CGANConfig()
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def _build(self, layout: _Layout) -> None:
+        config = self.config
+        static_heads, pairs = layout.static_heads()
+        value_heads = layout.value_heads()
+        width, n_columns = layout.encoder.width_, len(layout.encoder.blocks_)
+        static = StaticGenerator(
+            width,
+            n_columns,
+            static_heads,
+            pairs,
+            config.static_noise_dim,
+            config.static_hidden,
+            config.static_layers,
+        )
+        sequence = SequenceGenerator(
+            width,
+            len(layout.variables),
+            value_heads,
+            layout.n_steps,
+            config.steps_per_cell,
+            config.sequence_noise_dim,
+            config.lstm_hidden,
+            config.lstm_layers,
+            layout.max_log_gap,
+        )
+        self.layout_ = layout
+        self.generator_ = Generator(static, sequence).to(self.device_)
+        self._column_dims = layout.column_dims().to(self.device_)
+        self._missing_dims = layout.missing_dims().to(self.device_)
+
+    def _fit_layout(self, cohort: Cohort) -> _Layout:
+        arrays = cohort.arrays
+        from_bounds = self.epsilon is not None
+        encoder = StaticEncoder().fit(cohort.static, cohort.schema, from_bounds=from_bounds)
+        scaler = ValueScaler().fit(arrays.values, cohort.schema, from_bounds=from_bounds)
+        if from_bounds:
+            # Under DP nothing is read from the data outside the private critic: max_steps
+            # steps, gaps in the cohort's time unit, a horizon of max_steps units, no time grid.
+            n_steps = self.config.max_steps
+            return _Layout(encoder, scaler, n_steps, 1.0, float(n_steps), None)
+        inside = arrays.step_mask
+        gaps = arrays.gaps[inside]
+        positive = gaps[gaps > 0]
+        gap_scale = float(np.median(positive)) if len(positive) else 1.0
+        time_max = float(arrays.times[inside].max()) if inside.any() else 0.0
+        n_steps = max(1, min(int(arrays.lengths.max(initial=0)), self.config.max_steps))
+        time_max = max(time_max, gap_scale)
+        grids = {}
+        if not from_bounds:  # grids are read from the data: not under DP
+            for name in cohort.schema.columns:
+                column = cohort.schema[name]
+                if column.kind != "numeric" or column.integer:
+                    continue
+                if column.is_static:
+                    observed = cohort.static[name].to_numpy(dtype=np.float64)
+                else:
+                    j = arrays.variables.index(name)
+                    observed = arrays.values[..., j][arrays.mask[..., j]].astype(np.float64)
+                grid = _value_grid(observed[np.isfinite(observed)])
+                if grid:
+                    grids[name] = grid
+        return _Layout(
+            encoder,
+            scaler,
+            n_steps,
+            gap_scale,
+            time_max,
+            _time_resolution(arrays.times[inside]),
+            grids,
+        )
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _fit(self, cohort: Cohort, generator: torch.Generator) -> None:
+        if not cohort.schema.temporal_columns:
+            raise DataError("CGANSynthesizer needs at least one temporal variable")
+        config, device = self.config, self.device_
+        layout = self._fit_layout(cohort)
+        self._build(layout)
+        real_static = torch.as_tensor(layout.encoder.transform(cohort.static)).to(device)
+        real_steps = layout.encode_steps(cohort).to(device)
+        value_variable = self.generator_.sequence.value_variable
+        real_summaries = summaries(real_steps, value_variable)
+        n_patients = real_static.shape[0]
+        noise = torch.Generator(device=device).manual_seed(_draw_seed(generator))
+
+        static_inputs = layout.encoder.width_ + len(layout.encoder.blocks_)
+        critic = Critic(
+            static_inputs,
+            layout.encoder.width_ + real_summaries.shape[1],
+            layout.n_steps,
+            real_steps.shape[2],
+            config.step_embedding,
+            config.critic_hidden,
+            config.critic_layers,
+        ).to(device)
+        generator_optimizer = torch.optim.Adam(
+            self.generator_.parameters(), lr=config.generator_lr, betas=config.betas, foreach=True
+        )
+        critic_optimizer = torch.optim.Adam(
+            critic.parameters(), lr=config.critic_lr, betas=config.betas, foreach=True
+        )
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.arange(n_patients)),
+            batch_size=min(self.batch_size, n_patients),
+            shuffle=True,
+            generator=torch.Generator().manual_seed(_draw_seed(generator)),
+        )
+        static_critic = critic.static_critic
+        # Extra static updates reuse each batch: not accounted for by DP-SGD, so off under DP.
+        static_rounds = config.static_critic_steps > 0 and self.epsilon is None
+        critic, critic_optimizer, loader = self._make_private(
+            critic, critic_optimizer, loader, self.epochs
+        )
+
+        rows = []
+        bar = tqdm(range(1, self.epochs + 1), desc="CGAN", unit="epoch", disable=not self.verbose)
+        for epoch in bar:
+            started = time.perf_counter()
+            totals = dict.fromkeys(HISTORY_COLUMNS[1:-1], 0.0)
+            n_batches = n_generator_steps = 0
+            for step, (index,) in enumerate(loader):
+                if len(index) == 0:  # Poisson sampling under DP can draw an empty batch
+                    continue
+                index = index.to(device)
+                train_generator = step % config.critic_steps == 0
+                with torch.set_grad_enabled(train_generator):
+                    fake = self._fake(len(index), noise, train_static=not static_rounds)
+                real_given = self._condition_masks(real_static[index], noise)
+                real = self._critic_inputs(
+                    real_static[index], real_given, real_steps[index], real_summaries[index]
+                )
+                losses = self._critic_step(
+                    critic, critic_optimizer, real, [x.detach() for x in fake], noise
+                )
+                for key, value in losses.items():
+                    totals[key] += value
+                n_batches += 1
+                if train_generator:
+                    totals["generator_loss"] += self._generator_step(
+                        critic, generator_optimizer, fake
+                    )
+                    n_generator_steps += 1
+                if static_rounds:
+                    self._static_round(
+                        static_critic,
+                        critic_optimizer,
+                        generator_optimizer,
+                        real_static[index],
+                        noise,
+                    )
+            row = {
+                "epoch": epoch,
+                "generator_loss": totals["generator_loss"] / max(n_generator_steps, 1),
+                **{k: totals[k] / max(n_batches, 1) for k in HISTORY_COLUMNS[2:-1]},
+                "seconds": time.perf_counter() - started,
+            }
+            rows.append(row)
+            bar.set_postfix(
+                g=f"{row['generator_loss']:.3f}",
+                d=f"{row['critic_loss']:.3f}",
+                w_static=f"{row['wasserstein_static']:.3f}",
+                w_patient=f"{row['wasserstein_patient']:.3f}",
+                gp=f"{row['gradient_penalty']:.3f}",
+            )
+        from synthmed.models.privacy import record_spent, releasable_history
+
+        record_spent(self)  # (epsilon, delta) into privacy_spent_; detaches Opacus (no-op w/o DP)
+        # Under DP the critic's losses on real patients stay out of the fitted model; the
+        # generator's loss (critic scores of generated patients) is post-processing.
+        self.history_ = releasable_history(
+            self,
+            pd.DataFrame(rows, columns=list(HISTORY_COLUMNS)),
+            public=("epoch", "generator_loss", "seconds"),
+        )
+        self.generator_.eval()
+
+    @staticmethod
+    def _critic_inputs(
+        static: torch.Tensor, given: torch.Tensor, steps: torch.Tensor, summary: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(static critic input, patient critic input, steps)``: the critics' feature space."""
+        return torch.cat([static, given], 1), torch.cat([static, summary], 1), steps
+
+    def _fake_static(self, n: int, noise: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` generated static vectors and their given-column masks.
+
+        A share of rows is conditioned on a random subset of the columns of the generator's own
+        first draw; the critic sees which columns were given.
+        """
+        layout, temperature = self.layout_, self.config.temperature
+        static_generator = self.generator_.static
+        width, n_columns = layout.encoder.width_, len(layout.encoder.blocks_)
+        nothing = torch.zeros(n, width, device=self.device_)
+        with torch.no_grad():
+            first = static_generator(nothing, nothing, nothing[:, :n_columns], noise, temperature)
+        given = self._condition_masks(first, noise)
+        given_dims = (given @ self._column_dims).clamp_max(1.0)
+        return static_generator(first, given_dims, given, noise, temperature), given
+
+    def _fake(
+        self, n: int, noise: torch.Generator, train_static: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Critic inputs of ``n`` generated patients; gradients reach the static generator only
+        with ``train_static`` (when it has no updates of its own)."""
+        layout, sequence = self.layout_, self.generator_.sequence
+        static, given = self._fake_static(n, noise)
+        # The static generator learns from the static critic alone: the patient critic, slower
+        # to settle, would otherwise pull it around. Sequences learn to fit the static vector.
+        fixed = static.detach()
+        if not train_static:
+            static = fixed
+        steps = sequence(fixed, layout.gap_scale / layout.time_max, noise, self.config.temperature)
+        summary = summaries(steps, sequence.value_variable)
+        return torch.cat([static, given], 1), torch.cat([fixed, summary], 1), steps
+
+    def _condition_masks(self, static: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+        """Random given-column masks ``[n, n_columns]``: none for a share of rows, else a random
+        subset; missing cells are never given (a condition cannot ask for a missing value)."""
+        n, n_columns = static.shape[0], self._column_dims.shape[0]
+        device = static.device
+        conditioned = torch.rand(n, 1, generator=noise, device=device) < self.config.condition_rate
+        share = torch.rand(n, 1, generator=noise, device=device)
+        given = (torch.rand(n, n_columns, generator=noise, device=device) < share) & conditioned
+        missing = (static @ self._missing_dims.T) > 0.5
+        return (given & ~missing).float()
+
+    def _critic_step(
+        self,
+        critic: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        real: tuple[torch.Tensor, ...],
+        fake: list[torch.Tensor],
+        noise: torch.Generator,
+    ) -> dict[str, float]:
+        config = self.config
+        optimizer.zero_grad(set_to_none=True)
+        real_s, real_p = critic(*real)
+        fake_s, fake_p = critic(*fake)
+        w_static = real_s.mean() - fake_s.mean()
+        w_patient = real_p.mean() - fake_p.mean()
+        drift = (config.static_weight * real_s**2 + real_p**2).mean()
+        loss = -(config.static_weight * w_static + w_patient) + config.drift_penalty * drift
+        if self.epsilon is None:
+            penalty = self._gradient_penalty(critic, real, fake, noise)
+            loss = loss + config.gradient_penalty * penalty
+            loss.backward()
+            optimizer.step()
+        else:
+            penalty = self._private_step(critic, optimizer, loss, fake, noise)
+            loss = loss + config.gradient_penalty * penalty
+        return {
+            "critic_loss": float(loss.detach()),
+            "gradient_penalty": float(penalty.detach()),
+            "wasserstein_static": float(w_static.detach()),
+            "wasserstein_patient": float(w_patient.detach()),
+        }
+
+    def _private_step(
+        self,
+        critic: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: torch.Tensor,
+        fake: list[torch.Tensor],
+        noise: torch.Generator,
+    ) -> torch.Tensor:
+        """One DP-SGD critic step; returns the gradient penalty.
+
+        Opacus clips and noises the per-patient gradient of the real-data terms (``loss``).
+        The gradient penalty is taken between pairs of generated patients only, with Opacus'
+        hooks off (they do not support its double backward); it involves no real data, so
+        its gradient is added after the clipping and noise at no privacy cost.
+        """
+        loss.backward()
+        critic.disable_hooks()
+        try:
+            pairs = [x.roll(1, dims=0) for x in fake]
+            penalty = self._gradient_penalty(critic, fake, pairs, noise)
+            parameters = [p for p in critic.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(
+                self.config.gradient_penalty * penalty, parameters, allow_unused=True
+            )
+        finally:
+            critic.enable_hooks()
+        if optimizer.pre_step():  # clip, noise, account
+            for parameter, grad in zip(parameters, grads, strict=True):
+                if grad is not None:
+                    parameter.grad.add_(grad)
+            optimizer.original_optimizer.step()
+        return penalty
+
+    def _gradient_penalty(
+        self,
+        critic: torch.nn.Module,
+        real: tuple[torch.Tensor, ...],
+        fake: list[torch.Tensor],
+        noise: torch.Generator,
+    ) -> torch.Tensor:
+        """WGAN-GP: ``(|grad critic(x)| - 1)^2`` at random points between real and generated
+        patients in the critics' input space, for each critic over its own inputs."""
+        n = real[0].shape[0]
+        weight = torch.rand(n, 1, generator=noise, device=real[0].device)
+        static, patient, steps = (
+            torch.lerp(f, r, weight.view(n, *[1] * (r.dim() - 1))).requires_grad_(True)
+            for r, f in zip(real, fake, strict=True)
+        )
+        score_s, score_p = critic(static, patient, steps)
+        (grad_s,) = torch.autograd.grad(score_s.sum(), [static], create_graph=True)
+        grads_p = torch.autograd.grad(score_p.sum(), [patient, steps], create_graph=True)
+        norm_s = grad_s.norm(dim=1)
+        norm_p = torch.cat([g.flatten(1) for g in grads_p], 1).norm(dim=1)
+        return (self.config.static_weight * (norm_s - 1) ** 2 + (norm_p - 1) ** 2).mean()
+
+    def _static_round(
+        self,
+        static_critic: torch.nn.Module,
+        critic_optimizer: torch.optim.Optimizer,
+        generator_optimizer: torch.optim.Optimizer,
+        real_static: torch.Tensor,
+        noise: torch.Generator,
+    ) -> None:
+        """Extra updates of the static part alone: ``static_critic_steps`` critic updates, then
+        one generator update. Cheap (MLPs), and the static GAN settles only with several critic
+        updates per generator update, more than the sequences can afford."""
+        config, n = self.config, real_static.shape[0]
+        for _ in range(config.static_critic_steps):
+            with torch.no_grad():
+                fake, fake_given = self._fake_static(n, noise)
+            fake = torch.cat([fake, fake_given], 1)
+            real = torch.cat([real_static, self._condition_masks(real_static, noise)], 1)
+            critic_optimizer.zero_grad(set_to_none=True)
+            real_score = static_critic(real)
+            weight = torch.rand(n, 1, generator=noise, device=real.device)
+            between = torch.lerp(fake, real, weight).requires_grad_(True)
+            (grad,) = torch.autograd.grad(
+                static_critic(between).sum(), [between], create_graph=True
+            )
+            loss = (
+                static_critic(fake).mean()
+                - real_score.mean()
+                + config.gradient_penalty * ((grad.norm(dim=1) - 1) ** 2).mean()
+                + config.drift_penalty * (real_score**2).mean()
+            )
+            loss.backward()
+            critic_optimizer.step()
+        for parameter in static_critic.parameters():
+            parameter.requires_grad_(False)
+        generator_optimizer.zero_grad(set_to_none=True)
+        fake, fake_given = self._fake_static(n, noise)
+        (-static_critic(torch.cat([fake, fake_given], 1)).mean()).backward()
+        generator_optimizer.step()
+        for parameter in static_critic.parameters():
+            parameter.requires_grad_(True)
+
+    def _generator_step(
+        self,
+        critic: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        fake: tuple[torch.Tensor, ...],
+    ) -> float:
+        for parameter in critic.parameters():
+            parameter.requires_grad_(False)
+        private = self.epsilon is not None
+        if private:  # the critic's per-patient hooks are for real data only
+            critic.disable_hooks()
+        optimizer.zero_grad(set_to_none=True)
+        score_s, score_p = critic(*fake)
+        loss = -(self.config.static_weight * score_s.mean() + score_p.mean())
+        loss.backward()
+        optimizer.step()
+        if private:
+            critic.enable_hooks()
+        for parameter in critic.parameters():
+            parameter.requires_grad_(True)
+        return float(loss.detach())
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _generate(self, conditions: pd.DataFrame, generator: torch.Generator) -> GeneratedBatch:
+        layout, config, device = self.layout_, self.config, self.device_
+        schema = layout.schema
+        names = [block.name for block in layout.encoder.blocks_]
+        given_columns = conditions[names].notna().to_numpy()
+        encoded = layout.encoder.transform(conditions[names])
+        statics, sequences = [], []
+        self.generator_.eval()
+        for start in range(0, len(conditions), config.sample_batch_size):
+            rows = slice(start, start + config.sample_batch_size)
+            given = torch.as_tensor(given_columns[rows], dtype=torch.float32, device=device)
+            condition = torch.as_tensor(encoded[rows], device=device)
+            given_dims = (given @ self._column_dims).clamp_max(1.0)
+            static = self.generator_.static(
+                condition, given_dims, given, generator, config.temperature
+            )
+            statics.append(static.cpu().numpy())
+            sequences.append(layout.decode_steps(self._sample_steps(static, generator)))
+        static = layout.encoder.inverse(np.concatenate(statics))
+        for name, grid in layout.grids.items():
+            if name in static.columns:
+                column = schema[name]
+                static[name] = _snap(static[name].to_numpy(dtype=np.float64), grid, column)
+        for name in names:
+            given = conditions[name].notna().to_numpy()
+            if given.any():
+                static[name] = _with_given(static[name], conditions[name], given, schema[name])
+        width = max(times.shape[1] for times, _, _ in sequences)
+        times = np.concatenate([_pad(t, width, 0.0) for t, _, _ in sequences])
+        values = np.concatenate([_pad(v, width, np.nan) for _, v, _ in sequences])
+        lengths = np.concatenate([n for _, _, n in sequences])
+        return GeneratedBatch(static, times, values, lengths)
+
+    def _sample_steps(self, static: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Steps for a batch, state carried forward, stopping once every sequence has ended."""
+        layout, sequence = self.layout_, self.generator_.sequence
+        patient_noise, carry = sequence.start(static, generator)
+        chunks, cells_per_chunk = [], max(1, 40 // sequence.steps_per_cell)
+        for first in range(0, sequence.n_cells, cells_per_chunk):
+            steps, carry = sequence.cells(
+                static,
+                patient_noise,
+                carry,
+                first,
+                min(cells_per_chunk, sequence.n_cells - first),
+                layout.gap_scale / layout.time_max,
+                generator,
+                self.config.temperature,
+            )
+            chunks.append(steps)
+            if not bool(carry.alive.any()):
+                break
+        return torch.cat(chunks, dim=1)[:, : layout.n_steps]
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def _get_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {f"generator.{k}": v.cpu() for k, v in self.generator_.state_dict().items()}
+        return {"layout": self.layout_.to_dict()}, tensors
+
+    def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self._build(_Layout.from_dict(config["layout"], self.schema_))
+        prefix = "generator."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.generator_.load_state_dict(state, strict=True)
+        self.generator_.eval()
+
+
+def _pad(array: np.ndarray, width: int, fill: float) -> np.ndarray:
+    missing = width - array.shape[1]
+    if missing == 0:
+        return array
+    pad = [(0, 0), (0, missing)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad, constant_values=fill)
+
+
+def _with_given(produced: pd.Series, given: pd.Series, rows: np.ndarray, column: Any) -> pd.Series:
+    """``produced`` with the given cells replaced exactly (categories in their schema form)."""
+    if column.kind == "numeric":
+        out = produced.to_numpy(dtype=np.float64).copy()
+        out[rows] = given.to_numpy(dtype=np.float64)[rows]
+        return pd.Series(out, index=produced.index)
+    out = produced.to_numpy(dtype=object).copy()
+    codes = category_codes(given[rows].reset_index(drop=True), column.categories)
+    out[rows] = decode_codes(codes, column.categories)
+    return pd.Series(out, index=produced.index)

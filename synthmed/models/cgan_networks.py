@@ -1,0 +1,556 @@
+"""Networks of the conditional recurrent GAN (:class:`~synthmed.CGANSynthesizer`).
+
+Layout of an encoded patient, shared by the generator's output and the critic's input:
+
+- ``static`` ``[B, Ds]``: the :class:`~synthmed.models.transforms.StaticEncoder` vector
+  (standardised numbers, missing indicators, one-hot categories).
+- ``steps`` ``[B, T, F]``: per step ``[log-gap, time, alive, mask (V), values (C)]`` where
+  ``log-gap = log1p(gap / gap_scale)``, ``time`` is the absolute time over the longest training
+  time, ``alive`` is 1 inside the sequence, ``mask`` says which variables are observed and
+  ``values`` holds one column per numeric variable (standardised by ``ValueScaler``) and one-hot
+  columns per categorical variable, zero where unobserved. Everything is zero after the end.
+
+The generator is a static MLP (:class:`StaticGenerator`) followed by stacked LSTM cells
+(:class:`SequenceGenerator`) that emit ``steps_per_cell`` steps per LSTM step (DoppelGANger's
+batch generation), with the elapsed time and last values fed back (:class:`Carry`) and
+per-patient latents (:class:`PatientScale`). Binary and categorical outputs (masks, ends,
+categories, missing indicators) are straight-through Gumbel samples, so the forward pass is
+exactly discrete while gradients flow through the relaxation. The critics (:class:`Critic`) use
+only ``Linear`` layers and parameter-free operations, so Opacus can compute per-patient gradients
+for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: Sharpness of the soft bounds; the distortion at a bound is log(2) / BOUND_SHARPNESS std.
+BOUND_SHARPNESS = 4.0
+#: Columns of a step before the mask: log-gap, time, alive.
+STEP_PREFIX = 3
+#: Softness (over the longest time) of the straight-through cut at the end of the window.
+WINDOW_SOFTNESS = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """One output group: a bounded number, a binary flag or a one-hot category block.
+
+    ``kind`` is ``"numeric"`` (``lower``/``upper`` are soft bounds in the encoded space, None for
+    unbounded), ``"binary"`` (one 0/1 column) or ``"categorical"`` (``width`` one-hot columns).
+    """
+
+    kind: str
+    start: int
+    width: int = 1
+    lower: float | None = None
+    upper: float | None = None
+
+
+def logistic_noise(
+    shape: torch.Size, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    uniform = torch.rand(shape, generator=generator, device=device).clamp(1e-6, 1 - 1e-6)
+    return torch.log(uniform) - torch.log1p(-uniform)
+
+
+def st_bernoulli(
+    logits: torch.Tensor, generator: torch.Generator, temperature: float
+) -> torch.Tensor:
+    """A hard 0/1 sample of ``Bernoulli(sigmoid(logits))`` with a straight-through gradient."""
+    noisy = logits + logistic_noise(logits.shape, generator, logits.device)
+    hard = (noisy > 0).to(logits.dtype)
+    if not logits.requires_grad:
+        return hard
+    soft = torch.sigmoid(noisy / temperature)
+    return hard + soft - soft.detach()
+
+
+def st_categorical(
+    logits: torch.Tensor, generator: torch.Generator, temperature: float
+) -> torch.Tensor:
+    """A hard one-hot Gumbel-softmax sample along the last axis, straight-through."""
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    noisy = logits - torch.log(-torch.log(uniform.clamp(1e-6, 1 - 1e-6)))
+    hard = F.one_hot(noisy.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    if not logits.requires_grad:
+        return hard
+    soft = torch.softmax(noisy / temperature, dim=-1)
+    return hard + soft - soft.detach()
+
+
+class Activation(nn.Module):
+    """Applies each head's output activation to its slice of the last axis, vectorised by kind.
+
+    Numeric heads get their soft bounds, binary heads a straight-through Bernoulli sample and each
+    categorical block a straight-through one-hot sample. Output columns keep the heads' order.
+    """
+
+    def __init__(self, heads: list[Head]) -> None:
+        super().__init__()
+        self.heads = heads
+        numeric = [h for h in heads if h.kind == "numeric"]
+        self.categorical = [h for h in heads if h.kind == "categorical"]
+        self.register_buffer(
+            "numeric", torch.tensor([h.start for h in numeric], dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "binary",
+            torch.tensor([h.start for h in heads if h.kind == "binary"], dtype=torch.long),
+            persistent=False,
+        )
+        self.register_buffer(
+            "lower", torch.tensor([h.lower or 0.0 for h in numeric]), persistent=False
+        )
+        self.register_buffer(
+            "upper", torch.tensor([h.upper or 0.0 for h in numeric]), persistent=False
+        )
+        self.register_buffer(
+            "has_lower", torch.tensor([h.lower is not None for h in numeric]), persistent=False
+        )
+        self.register_buffer(
+            "has_upper", torch.tensor([h.upper is not None for h in numeric]), persistent=False
+        )
+        self.width = sum(h.width for h in heads)
+
+    def forward(
+        self, raw: torch.Tensor, generator: torch.Generator, temperature: float
+    ) -> torch.Tensor:
+        out = torch.empty_like(raw)
+        if len(self.numeric):
+            x = raw[..., self.numeric]
+            x = torch.where(self.has_lower, self.lower + _softplus(x - self.lower), x)
+            x = torch.where(self.has_upper, self.upper - _softplus(self.upper - x), x)
+            out[..., self.numeric] = x
+        if len(self.binary):
+            out[..., self.binary] = st_bernoulli(raw[..., self.binary], generator, temperature)
+        for head in self.categorical:
+            block = slice(head.start, head.start + head.width)
+            out[..., block] = st_categorical(raw[..., block], generator, temperature)
+        return out
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    return F.softplus(x, beta=BOUND_SHARPNESS)
+
+
+def mlp(sizes: list[int], slope: float = 0.2) -> nn.Sequential:
+    """Linear layers with LeakyReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU(slope))
+    return nn.Sequential(*layers)
+
+
+class StaticGenerator(nn.Module):
+    """Static vectors from noise, conditioned on any subset of given columns.
+
+    ``condition`` is the encoded vector of the given values (anything where not given),
+    ``given_dims`` marks its given dimensions and ``given_columns`` the given columns. Given
+    dimensions are copied to the output exactly; the network sees them so the rest is drawn
+    from the conditional distribution (CTGAN-style training with random condition masks).
+
+    ``pairs`` lists ``(value dim, missing dim)`` of numeric columns with a missing indicator: the
+    value is zeroed where the indicator says missing, as ``StaticEncoder`` encodes it.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        n_columns: int,
+        heads: list[Head],
+        pairs: list[tuple[int, int]],
+        noise_dim: int,
+        hidden: int,
+        layers: int,
+    ) -> None:
+        super().__init__()
+        self.width, self.n_columns, self.noise_dim = width, n_columns, noise_dim
+        self.net = mlp([noise_dim + width + n_columns, *[hidden] * layers, width])
+        self.activation = Activation(heads)
+        value, missing = ([p[i] for p in pairs] for i in (0, 1))
+        self.register_buffer("value_dims", torch.tensor(value, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "missing_dims", torch.tensor(missing, dtype=torch.long), persistent=False
+        )
+
+    def forward(
+        self,
+        condition: torch.Tensor,
+        given_dims: torch.Tensor,
+        given_columns: torch.Tensor,
+        generator: torch.Generator,
+        temperature: float,
+    ) -> torch.Tensor:
+        n = condition.shape[0]
+        noise = torch.randn(n, self.noise_dim, generator=generator, device=condition.device)
+        condition = condition * given_dims
+        raw = self.net(torch.cat([noise, condition, given_columns], dim=1))
+        out = self.activation(raw, generator, temperature)
+        if len(self.value_dims):
+            present = 1 - out[:, self.missing_dims]
+            out = out.index_copy(1, self.value_dims, out[:, self.value_dims] * present)
+        return given_dims * condition + (1 - given_dims) * out
+
+
+@dataclasses.dataclass
+class PatientScale:
+    """Per-patient latents drawn once: each numeric variable's centre, half-range and
+    persistence, and the end of the observation window (over ``time_max``).
+
+    Each step's target is ``centre + half_range * tanh(output)`` (DoppelGANger's per-sample
+    auto-normalisation, so within-patient variation is learned apart from between-patient
+    variation); values follow the targets through an exponential moving average with a
+    per-patient persistence ``a`` per step, a latent trajectory that observations sample, so
+    consecutive observations are as close as in real records. Within one LSTM step of ``S``
+    steps the average is ``level_t = carried_t * level_in + sum_k smoothing_tk * target_k``
+    (``carried_t = a^(t+1)``, ``smoothing_tk = (1 - a) a^(t-k)`` for ``k <= t``), precomputed
+    once per patient. Steps after ``window`` are cut, which lets stays end where the
+    observation window ends. ``pace`` shifts the patient's gap outputs and ``propensity`` each
+    variable's observation logits: how often a patient is charted, and which variables are
+    (an arterial line or not), vary between patients more than within one.
+    """
+
+    centre: torch.Tensor
+    half_range: torch.Tensor
+    smoothing: torch.Tensor
+    carried: torch.Tensor
+    window: torch.Tensor
+    pace: torch.Tensor
+    propensity: torch.Tensor
+
+
+@dataclasses.dataclass
+class Carry:
+    """What the sequence generator carries from one LSTM step to the next.
+
+    ``state`` is the LSTM state; ``alive``, ``time`` (absolute, over ``time_max``), ``last``
+    (the last observed value of each value column, 0 before any) and ``seen`` (whether each
+    variable was observed yet) are fed back as inputs, so the generator knows how long the
+    stay has lasted and where each variable stands. ``patient`` holds the per-patient latents
+    and ``level`` the latent trajectory's current value.
+    """
+
+    state: tuple[torch.Tensor, torch.Tensor]
+    alive: torch.Tensor
+    time: torch.Tensor
+    last: torch.Tensor
+    seen: torch.Tensor
+    patient: PatientScale
+    level: torch.Tensor
+
+    def features(self) -> torch.Tensor:
+        return torch.cat([self.alive[:, None], self.time[:, None], self.last, self.seen], dim=1)
+
+
+class SequenceGenerator(nn.Module):
+    """An LSTM that emits ``steps_per_cell`` steps per LSTM step, conditioned on the static vector.
+
+    Each step: a gap (in ``log1p(gap / gap_scale)`` space, soft-bounded to ``[0, max_log_gap]``),
+    an end flag (the sequence stops *before* a step whose flag is 1, so empty sequences are
+    possible), the observation mask and the values. The inputs of each LSTM step are the static
+    vector, a per-patient noise vector, fresh noise, the step's relative position and the fed-back
+    :class:`Carry` (elapsed time, last values); the initial state is a function of the static
+    vector and the patient noise. The state is carried forward, never recomputed.
+    """
+
+    def __init__(
+        self,
+        static_width: int,
+        n_variables: int,
+        value_heads: list[Head],
+        n_steps: int,
+        steps_per_cell: int,
+        noise_dim: int,
+        hidden: int,
+        layers: int,
+        max_log_gap: float,
+    ) -> None:
+        super().__init__()
+        self.n_variables, self.n_steps = n_variables, n_steps
+        self.steps_per_cell, self.noise_dim = steps_per_cell, noise_dim
+        self.hidden, self.layers = hidden, layers
+        self.n_cells = -(-n_steps // steps_per_cell)
+        heads = [
+            Head("numeric", 0, 1, 0.0, max_log_gap),
+            Head("binary", 1),
+            *[Head("binary", 2 + j) for j in range(n_variables)],
+            *[dataclasses.replace(h, start=h.start + 2 + n_variables) for h in value_heads],
+        ]
+        self.activation = Activation(heads)
+        self.step_outputs = self.activation.width
+        self.value_width = sum(h.width for h in value_heads)
+        widths = torch.tensor([h.width for h in value_heads], dtype=torch.long)
+        self.register_buffer(
+            "value_variable",
+            torch.repeat_interleave(torch.arange(n_variables), widths),
+            persistent=False,
+        )
+        feedback = 2 + self.value_width + n_variables
+        self.register_buffer(
+            "numeric_value",
+            torch.tensor([h.kind == "numeric" for h in value_heads for _ in range(h.width)]),
+            persistent=False,
+        )
+        self.initial = nn.Linear(static_width + noise_dim, 2 * layers * hidden)
+        self.scale = nn.Linear(static_width + noise_dim, 3 * self.value_width + 2 + n_variables)
+        lags = torch.arange(steps_per_cell)
+        self.register_buffer("lags", (lags[:, None] - lags[None, :]).float(), persistent=False)
+        with torch.no_grad():
+            self.scale.weight.mul_(0.1)
+            self.scale.bias.zero_()
+            self.scale.bias[self.value_width : 2 * self.value_width] = 1.0  # half-range ~1.3 std
+            self.scale.bias[3 * self.value_width] = 4.0  # window ~ 98% of the longest time
+        inputs = static_width + 2 * noise_dim + 1 + feedback
+        self.lstm = nn.ModuleList(
+            [nn.LSTMCell(inputs if i == 0 else hidden, hidden) for i in range(layers)]
+        )
+        self.out = nn.Linear(hidden, steps_per_cell * self.step_outputs)
+        # Start with a very low end hazard: at first, stays end with the window, not by chance.
+        with torch.no_grad():
+            self.out.bias.view(steps_per_cell, self.step_outputs)[:, 1] = -7.0
+
+    def start(self, static: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Carry]:
+        """Per-patient noise and the initial carry."""
+        n = static.shape[0]
+        patient_noise = torch.randn(n, self.noise_dim, generator=generator, device=static.device)
+        inputs = torch.cat([static, patient_noise], dim=1)
+        initial = torch.tanh(self.initial(inputs))
+        h, c = initial.view(n, 2, self.layers, self.hidden).permute(1, 2, 0, 3).contiguous()
+        scale = self.scale(inputs)
+        w = self.value_width
+        persistence = torch.sigmoid(scale[:, 2 * w : 3 * w]) * 0.98
+        a = persistence[:, None, None, :]
+        lags = self.lags[None, :, :, None]
+        patient = PatientScale(
+            centre=scale[:, :w],
+            half_range=F.softplus(scale[:, w : 2 * w]) + 0.05,
+            smoothing=torch.where(lags >= 0, (1 - a) * a ** lags.clamp_min(0), 0.0),
+            carried=a[:, 0] ** (self.lags[:, :1] + 1),
+            window=torch.sigmoid(scale[:, 3 * w]),
+            pace=scale[:, 3 * w + 1],
+            propensity=scale[:, 3 * w + 2 :],
+        )
+        carry = Carry(
+            (h, c),
+            static.new_ones(n),
+            static.new_zeros(n),
+            static.new_zeros(n, self.value_width),
+            static.new_zeros(n, self.n_variables),
+            patient,
+            level=patient.centre,
+        )
+        return patient_noise, carry
+
+    def cells(
+        self,
+        static: torch.Tensor,
+        patient_noise: torch.Tensor,
+        carry: Carry,
+        first_cell: int,
+        n_cells: int,
+        time_scale: float,
+        generator: torch.Generator,
+        temperature: float,
+    ) -> tuple[torch.Tensor, Carry]:
+        """Steps ``[B, n_cells * steps_per_cell, F]`` of LSTM steps ``first_cell...``, and the
+        carry after them. ``time_scale`` is ``gap_scale / time_max``."""
+        n, device = static.shape[0], static.device
+        outputs = []
+        for cell in range(first_cell, first_cell + n_cells):
+            noise = torch.randn(n, self.noise_dim, generator=generator, device=device)
+            position = static.new_full((n, 1), cell / self.n_cells)
+            inputs = torch.cat([static, patient_noise, noise, position, carry.features()], dim=1)
+            state = self._lstm_step(inputs, carry.state)
+            raw = self.out(state[0][-1]).view(n, self.steps_per_cell, self.step_outputs)
+            steps, carry = self._steps(raw, carry, state, time_scale, generator, temperature)
+            outputs.append(steps)
+        return torch.cat(outputs, dim=1), carry
+
+    def _lstm_step(
+        self, inputs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the stacked LSTM cells; ``state`` is ``(h, c)``, each ``[layers, B, H]``."""
+        hs, cs = [], []
+        for layer, cell in enumerate(self.lstm):
+            h, c = cell(inputs, (state[0][layer], state[1][layer]))
+            hs.append(h)
+            cs.append(c)
+            inputs = h
+        return torch.stack(hs), torch.stack(cs)
+
+    def _steps(
+        self,
+        raw: torch.Tensor,
+        carry: Carry,
+        state: tuple[torch.Tensor, torch.Tensor],
+        time_scale: float,
+        generator: torch.Generator,
+        temperature: float,
+    ) -> tuple[torch.Tensor, Carry]:
+        """Raw outputs of one LSTM step → steps in the critic's layout, and the next carry."""
+        v, patient = self.n_variables, carry.patient
+        values = raw[..., 2 + v :]
+        target = patient.centre[:, None] + patient.half_range[:, None] * torch.tanh(values)
+        level = torch.einsum("btkc,bkc->btc", patient.smoothing, target)
+        level = level + patient.carried * carry.level[:, None]
+        raw = torch.cat(
+            [
+                raw[..., :1] + patient.pace[:, None, None],
+                raw[..., 1:2],
+                raw[..., 2 : 2 + v] + patient.propensity[:, None, :],
+                torch.where(self.numeric_value, level, values),
+            ],
+            -1,
+        )
+        out = self.activation(raw, generator, temperature)
+        gap = out[..., 0]
+        time = carry.time[:, None] + torch.cumsum(torch.expm1(gap), 1) * time_scale
+        inside = time - patient.window[:, None]
+        hard = (inside <= 0).to(time.dtype)
+        soft = torch.sigmoid(-inside / WINDOW_SOFTNESS)
+        inside = hard + soft - soft.detach() if soft.requires_grad else hard
+        alive = carry.alive[:, None] * torch.cumprod(1 - out[..., 1], dim=1) * inside
+        log_gap = gap * alive
+        mask = out[..., 2 : 2 + v] * alive[..., None]
+        column_mask = mask[..., self.value_variable]
+        values = out[..., 2 + v :] * column_mask
+        steps = torch.cat(
+            [log_gap[..., None], (time * alive)[..., None], alive[..., None], mask, values], dim=-1
+        )
+        later = torch.flip(torch.cumsum(torch.flip(column_mask, [1]), 1), [1]) - column_mask
+        last_here = ((later < 0.5) * values).sum(1)
+        observed = column_mask.amax(1) > 0.5
+        next_carry = Carry(
+            state,
+            alive[:, -1],
+            time[:, -1],
+            torch.where(observed, last_here, carry.last),
+            torch.maximum(carry.seen, mask.amax(1)),
+            patient,
+            level[:, -1],
+        )
+        return steps, next_carry
+
+    def forward(
+        self,
+        static: torch.Tensor,
+        time_scale: float,
+        generator: torch.Generator,
+        temperature: float,
+    ) -> torch.Tensor:
+        """All ``n_steps`` steps (training)."""
+        patient_noise, carry = self.start(static, generator)
+        steps, _ = self.cells(
+            static, patient_noise, carry, 0, self.n_cells, time_scale, generator, temperature
+        )
+        return steps[:, : self.n_steps]
+
+
+class Generator(nn.Module):
+    """The static generator and the sequence generator, as one module (one optimizer)."""
+
+    def __init__(self, static: StaticGenerator, sequence: SequenceGenerator) -> None:
+        super().__init__()
+        self.static = static
+        self.sequence = sequence
+
+
+def summaries(steps: torch.Tensor, value_variable: torch.Tensor) -> torch.Tensor:
+    """Per-patient statistics of a batch of steps, differentiable: what a person would compare.
+
+    Per variable: log count of observations and observation rate; per value column: mean,
+    standard deviation, minimum, maximum, first and last observed value and mean absolute change
+    between consecutive steps where it is observed (0 when never observed); per patient: log
+    length, last time and mean log-gap. ``value_variable`` maps value columns to variables.
+    """
+    v = int(value_variable.max()) + 1 if len(value_variable) else steps.shape[2] - STEP_PREFIX
+    log_gap, time, alive = steps[..., 0], steps[..., 1], steps[..., 2]
+    mask = steps[..., STEP_PREFIX : STEP_PREFIX + v]
+    values = steps[..., STEP_PREFIX + v :]
+    column_mask = mask[..., value_variable]
+    length = alive.sum(1)
+    count = mask.sum(1)
+    column_count = column_mask.sum(1).clamp_min(1.0)
+    mean = (column_mask * values).sum(1) / column_count
+    spread = (column_mask * (values - mean[:, None, :]) ** 2).sum(1) / column_count
+    std = torch.sqrt(spread + 1e-4) - 1e-2
+    observed = column_mask > 0.5
+    seen = observed.any(1)
+    high = torch.where(observed, values, -1e4).amax(1)
+    low = torch.where(observed, values, 1e4).amin(1)
+    high, low = torch.where(seen, high, 0.0), torch.where(seen, low, 0.0)
+    # First and last observed values: weights that pick the first/last observed step.
+    seen_before = torch.cumsum(column_mask, 1) - column_mask
+    first = ((seen_before < 0.5) * column_mask * values).sum(1)
+    seen_after = torch.flip(torch.cumsum(torch.flip(column_mask, [1]), 1), [1]) - column_mask
+    last = ((seen_after < 0.5) * column_mask * values).sum(1)
+    # Mean absolute change between consecutive observations (not steps) of each column.
+    positions = torch.arange(steps.shape[1], device=steps.device)[None, :, None]
+    latest = torch.cummax(torch.where(observed, positions, -1), dim=1).values
+    before = torch.cat([torch.full_like(latest[:, :1], -1), latest[:, :-1]], dim=1)
+    previous = torch.gather(values, 1, before.clamp_min(0))
+    pairs = column_mask * (before >= 0)
+    step = (pairs * (values - previous).abs()).sum(1) / pairs.sum(1).clamp_min(1.0)
+    return torch.cat(
+        [
+            torch.log1p(count),
+            count / length[:, None].clamp_min(1.0),
+            mean,
+            std,
+            low,
+            high,
+            first,
+            last,
+            step,
+            torch.log1p(length)[:, None],
+            time.amax(1)[:, None],
+            (log_gap.sum(1) / length.clamp_min(1.0))[:, None],
+        ],
+        dim=1,
+    )
+
+
+def summary_width(n_variables: int, value_width: int) -> int:
+    return 2 * n_variables + 7 * value_width + 3
+
+
+class Critic(nn.Module):
+    """Both discriminators in one module, so one optimizer (and one DP wrapper) covers them.
+
+    The static critic scores ``[static vector, given columns]``: seeing which columns were given
+    lets it check every conditional, not only the mixture. The patient critic scores
+    ``[static vector, summaries]`` (:func:`summaries`) together with the flattened steps, each
+    step first embedded by a shared linear layer (DoppelGANger's MLP discriminator, made
+    cheaper). The gradient penalty is taken with respect to these inputs.
+    """
+
+    def __init__(
+        self,
+        static_inputs: int,
+        patient_inputs: int,
+        n_steps: int,
+        step_width: int,
+        step_embedding: int,
+        hidden: int,
+        layers: int,
+    ) -> None:
+        super().__init__()
+        self.static_critic = mlp([static_inputs, *[hidden] * layers, 1])
+        self.step_embedding = nn.Linear(step_width, step_embedding)
+        self.patient_critic = mlp(
+            [patient_inputs + n_steps * step_embedding, *[hidden] * layers, 1]
+        )
+
+    def forward(
+        self, static_inputs: torch.Tensor, patient_inputs: torch.Tensor, steps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embedded = F.leaky_relu(self.step_embedding(steps), 0.2).flatten(1)
+        patient = self.patient_critic(torch.cat([patient_inputs, embedded], dim=1))
+        return self.static_critic(static_inputs).squeeze(1), patient.squeeze(1)

@@ -1,0 +1,420 @@
+"""CGANSynthesizer: fit/sample, validity, seeds, conditions, persistence, DP seam, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from synthmed import Cohort, ColumnSchema, Schema, load_synthesizer
+from synthmed.datasets import simulate_cohort
+from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError
+from synthmed.models.cgan import (
+    HISTORY_COLUMNS,
+    CGANConfig,
+    CGANSynthesizer,
+    _merge_equal_times,
+    _snap,
+    _value_grid,
+)
+from synthmed.models.cgan_networks import Critic, summaries
+from synthmed.models.persistence import read_model_file, save_model_file
+
+TINY = CGANConfig(
+    static_noise_dim=4,
+    static_hidden=16,
+    static_layers=1,
+    sequence_noise_dim=4,
+    lstm_hidden=16,
+    steps_per_cell=4,
+    step_embedding=2,
+    critic_hidden=16,
+    critic_layers=1,
+)
+
+
+def tiny(**settings) -> CGANSynthesizer:
+    defaults = dict(epochs=2, batch_size=32, seed=0, device="cpu", verbose=False, config=TINY)
+    return CGANSynthesizer(**{**defaults, **settings})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny networks gain nothing from threads, and on a busy machine threads cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cohort() -> Cohort:
+    """The simulated cohort with its static columns out of alphabetical order (model files sort
+    JSON keys, so a layout that followed key order would break on reload)."""
+    simulated = simulate_cohort(80, seed=0)
+    order = ["In-hospital_death", "ICUType", "Gender", "Age"]
+    schema = simulated.schema
+    columns = [schema[name] for name in order] + [schema[v] for v in schema.temporal_columns]
+    reordered = Schema(columns, schema.id_column, schema.time_column, schema.time_unit)
+    return Cohort(simulated.static[order], simulated.events, reordered, simulated.metadata)
+
+
+@pytest.fixture(scope="module")
+def fitted(cohort) -> CGANSynthesizer:
+    return tiny(epochs=3).fit(cohort)
+
+
+@pytest.fixture(scope="module")
+def synthetic(fitted) -> Cohort:
+    return fitted.sample(200, seed=1)
+
+
+@pytest.fixture(scope="module")
+def ragged() -> Cohort:
+    """Static values missing, a patient without events, a categorical temporal variable."""
+    rng = np.random.default_rng(3)
+    n = 40
+    static = pd.DataFrame(
+        {
+            "Age": np.where(rng.random(n) < 0.3, np.nan, rng.integers(20, 90, n).astype(float)),
+            "Unit": rng.choice(["med", "surg", "card"], n),
+            "death": rng.integers(0, 2, n),
+        },
+        index=pd.Index([f"p{i}" for i in range(n)], name="patient_id"),
+    )
+    rows = []
+    for pid in static.index[1:]:
+        for t in np.sort(rng.uniform(0, 24, rng.integers(1, 12))):
+            rows.append(
+                {
+                    "patient_id": pid,
+                    "time": round(float(t), 2),
+                    "HR": rng.normal(85, 12) if rng.random() < 0.8 else np.nan,
+                    "Vent": rng.choice(["on", "off"]) if rng.random() < 0.5 else None,
+                }
+            )
+    events = pd.DataFrame(rows)
+    events.loc[events["HR"].isna() & events["Vent"].isna(), "HR"] = 80.0
+    cohort = Cohort(static, events)
+    return Cohort(
+        cohort.static, cohort.events, cohort.schema.with_column("HR", lower=40.0, upper=130.0)
+    )
+
+
+# -- fit and sample --------------------------------------------------------------------------------
+
+
+def test_sample_is_a_valid_varied_cohort(fitted, synthetic, cohort):
+    assert isinstance(synthetic, Cohort)
+    assert synthetic.n_patients == 200
+    assert synthetic.schema == cohort.schema
+    arrays = synthetic.arrays
+    assert len(np.unique(arrays.lengths)) > 5, "sequence lengths should vary"
+    inside = arrays.step_mask
+    rates = arrays.mask[inside].mean(axis=0)
+    assert (rates > 0).all() and (rates < 1).any(), "every variable observed, not always"
+    assert arrays.mask[inside].any(axis=1).all(), "no empty step is emitted"
+    assert len({tuple(row) for row in arrays.mask[inside][:500]}) > 3, "masks should vary"
+    gaps = np.diff(arrays.times, axis=1)[inside[:, 1:]]
+    assert (gaps >= 0).all()
+    assert arrays.times[inside].min() >= 0
+    assert arrays.times[inside].max() <= fitted.layout_.time_max + 1e-6
+
+
+def test_values_honour_schema_bounds_and_integers(synthetic):
+    schema = synthetic.schema
+    for name in synthetic.variables:
+        values = synthetic.events[name].dropna()
+        assert values.min() >= schema[name].lower and values.max() <= schema[name].upper, name
+    age = synthetic.static["Age"]
+    assert (age == age.round()).all()
+    assert age.between(schema["Age"].lower, schema["Age"].upper).all()
+
+
+def test_tight_bounds_and_ragged_data_are_honoured(ragged):
+    model = tiny(epochs=2, batch_size=16).fit(ragged)
+    out = model.sample(150, seed=0)
+    hr = out.events["HR"].dropna()
+    assert hr.between(40.0, 130.0).all()
+    assert set(out.events["Vent"].dropna()) <= {"on", "off"}
+    assert out.events["Vent"].notna().any()
+    assert set(out.static["Unit"]) <= {"med", "surg", "card"}
+
+
+def test_times_keep_the_training_resolution_without_duplicates(fitted, synthetic):
+    assert fitted.layout_.time_resolution == pytest.approx(1 / 60)
+    minutes = synthetic.events["time"].to_numpy() * 60
+    np.testing.assert_allclose(minutes, np.round(minutes), atol=1e-6)
+    assert not synthetic.events.duplicated([synthetic.id_column, "time"]).any()
+
+
+def test_values_are_recorded_like_the_training_data(fitted, synthetic):
+    assert fitted.layout_.grids["HR"] == {"decimals": 0}
+    assert fitted.layout_.grids["Temp"] == {"decimals": 1}
+    hr = synthetic.events["HR"].dropna().to_numpy()
+    np.testing.assert_array_equal(hr, np.round(hr))
+    temp = synthetic.events["Temp"].dropna().to_numpy() * 10
+    np.testing.assert_allclose(temp, np.round(temp), atol=1e-6)
+
+
+def test_value_grids_and_snapping():
+    rng = np.random.default_rng(0)
+    assert _value_grid(rng.normal(size=500)) == {}
+    assert _value_grid(np.round(rng.normal(80, 10, 500))) == {"decimals": 0}
+    inches = np.round(rng.integers(60, 75, 500) * 2.54, 1)
+    grid = _value_grid(inches)
+    assert grid["decimals"] == 1 and set(grid["support"]) == set(np.unique(inches))
+    column = ColumnSchema("x", "numeric", "temporal", lower=0.21, upper=1.0)
+    snapped = _snap(np.array([0.22, 0.57, np.nan]), {"decimals": 1}, column)
+    np.testing.assert_allclose(snapped, [0.22, 0.6, np.nan])  # 0.2 would cross the bound
+    tall = _snap(np.array([178.0, 260.0]), grid, ColumnSchema("h", "numeric", "static"))
+    assert tall[0] in grid["support"] and tall[1] == 260.0  # beyond the support: rounded only
+
+
+def test_steps_sharing_a_time_are_merged():
+    times = np.array([[0.0, 1.0, 1.0, 2.0, 0.0], [0.5, 0.5, 0.5, 0.0, 0.0]])
+    values = np.full((2, 5, 2), np.nan)
+    values[0, :, 0] = [1, 2, 3, 4, 9]
+    values[0, 1, 1] = 7
+    values[1, 0, 0], values[1, 1, 1], values[1, 2, 0] = 5, 6, 8
+    merged_times, merged, lengths = _merge_equal_times(times, values, np.array([4, 3]))
+    assert lengths.tolist() == [3, 1]
+    np.testing.assert_array_equal(merged_times[0], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(merged[0, :, 0], [1, 3, 4])
+    assert merged[0, 1, 1] == 7 and np.isnan(merged[0, 0, 1])
+    np.testing.assert_array_equal(merged[1, 0], [8, 6])
+
+
+def test_history_has_one_finite_row_per_epoch(fitted):
+    history = fitted.history_
+    assert list(history.columns) == list(HISTORY_COLUMNS)
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert np.isfinite(history.drop(columns="epoch").to_numpy()).all()
+    assert (history["gradient_penalty"] >= 0).all()
+
+
+def test_training_moves_the_generator(cohort):
+    before = tiny(epochs=1)
+    before.fit(cohort)
+    after = tiny(epochs=4).fit(cohort)
+    weights = [m.generator_.sequence.out.weight for m in (before, after)]
+    assert not torch.equal(*weights)
+
+
+def test_steps_encoding_round_trips_real_sequences(fitted, cohort):
+    layout = fitted.layout_
+    times, values, lengths = layout.decode_steps(layout.encode_steps(cohort))
+    arrays = cohort.arrays
+    np.testing.assert_array_equal(lengths, arrays.lengths)
+    width = arrays.max_length
+    np.testing.assert_allclose(times[:, :width], arrays.times, atol=1e-4)
+    observed = arrays.mask
+    assert (np.isnan(values[:, :width]) == ~observed).all()
+    np.testing.assert_allclose(values[:, :width][observed], arrays.values[observed], rtol=1e-4)
+
+
+def test_critic_summaries_match_numpy(fitted, cohort):
+    layout = fitted.layout_
+    steps = layout.encode_steps(cohort)
+    stats = summaries(steps, fitted.generator_.sequence.value_variable).numpy()
+    v = len(layout.variables)
+    scaled = np.where(cohort.arrays.mask, layout.scaler.transform(cohort.arrays.values), np.nan)
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        expected_mean = np.nan_to_num(np.nanmean(scaled, axis=1))
+        expected_max = np.nan_to_num(np.nanmax(scaled, axis=1))
+    np.testing.assert_allclose(stats[:, :v], np.log1p(cohort.arrays.mask.sum(1)), rtol=1e-5)
+    np.testing.assert_allclose(stats[:, 2 * v : 3 * v], expected_mean, atol=1e-4)
+    np.testing.assert_allclose(stats[:, 5 * v : 6 * v], expected_max, atol=1e-4)
+
+
+# -- seeds -----------------------------------------------------------------------------------------
+
+
+def _same(a: Cohort, b: Cohort) -> bool:
+    try:
+        pd.testing.assert_frame_equal(
+            a.static.reset_index(drop=True), b.static.reset_index(drop=True)
+        )
+        pd.testing.assert_frame_equal(
+            a.events.drop(columns=a.id_column), b.events.drop(columns=b.id_column)
+        )
+    except AssertionError:
+        return False
+    return True
+
+
+def test_same_seed_same_output_different_seed_different(cohort, fitted):
+    again = tiny(epochs=3).fit(cohort)
+    pd.testing.assert_frame_equal(
+        again.history_.drop(columns="seconds"), fitted.history_.drop(columns="seconds")
+    )
+    assert _same(again.sample(30, seed=7), fitted.sample(30, seed=7))
+    assert not _same(fitted.sample(30, seed=7), fitted.sample(30, seed=8))
+    other = tiny(epochs=3, seed=1).fit(cohort)
+    assert not _same(other.sample(30, seed=7), fitted.sample(30, seed=7))
+
+
+# -- conditions ------------------------------------------------------------------------------------
+
+
+def test_dict_conditions_are_honoured_exactly(fitted):
+    out = fitted.sample(60, conditions={"In-hospital_death": 1, "ICUType": 2, "Age": 71.5}, seed=0)
+    assert (out.static["In-hospital_death"] == 1).all()
+    assert (out.static["ICUType"] == 2).all()
+    assert (out.static["Age"] == 71.5).all()
+    assert out.static["Gender"].nunique() == 2, "free columns are drawn, not fixed"
+
+
+def test_frame_conditions_are_honoured_row_by_row(fitted):
+    rows = pd.DataFrame(
+        {
+            "Gender": [0, 1, np.nan, 1, np.nan],
+            "Age": [30.0, np.nan, 85.0, 44.0, np.nan],
+            "In-hospital_death": [1, 0, 1, np.nan, np.nan],
+        }
+    )
+    out = fitted.sample(conditions=rows, seed=3)
+    static = out.static.reset_index(drop=True)
+    for name in rows.columns:
+        given = rows[name].notna()
+        assert (static.loc[given, name].astype(float) == rows.loc[given, name]).all(), name
+    assert static["ICUType"].notna().all()
+
+
+def test_conditions_reach_the_sequences(fitted):
+    static = fitted.generator_.static
+    width = fitted.layout_.encoder.width_
+    assert static.net[0].in_features > width, "the static generator sees the given values"
+    assert fitted.generator_.sequence.lstm[0].input_size > width, "sequences see the static vector"
+    a = fitted.sample(40, conditions={"In-hospital_death": 0, "ICUType": 1}, seed=5)
+    b = fitted.sample(40, conditions={"In-hospital_death": 1, "ICUType": 4}, seed=5)
+    # Same seed, same noise: only the conditions differ, and they reach the free static
+    # columns (drawn conditionally, not independently) and the sequences.
+    assert not np.array_equal(a.static["Age"], b.static["Age"])
+    assert not np.array_equal(a.arrays.lengths, b.arrays.lengths)
+
+
+# -- persistence -----------------------------------------------------------------------------------
+
+
+def test_save_load_gives_identical_samples(fitted, tmp_path):
+    path = fitted.save(tmp_path / "cgan.synthmed")
+    loaded = load_synthesizer(path)
+    assert isinstance(loaded, CGANSynthesizer)
+    assert loaded.config == fitted.config
+    assert _same(loaded.sample(40, seed=11), fitted.sample(40, seed=11))
+    conditioned = {"ICUType": 3}
+    assert _same(
+        loaded.sample(10, conditions=conditioned, seed=2),
+        fitted.sample(10, conditions=conditioned, seed=2),
+    )
+    pd.testing.assert_frame_equal(
+        loaded.history_, fitted.history_, check_dtype=False, check_like=True
+    )
+
+
+def test_corrupted_or_mismatched_files_raise_model_file_error(fitted, tmp_path):
+    path = fitted.save(tmp_path / "cgan.synthmed")
+    data = path.read_bytes()
+    (tmp_path / "truncated.synthmed").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError):
+        load_synthesizer(tmp_path / "truncated.synthmed")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    (tmp_path / "flipped.synthmed").write_bytes(bytes(flipped))
+    with pytest.raises(ModelFileError):
+        load_synthesizer(tmp_path / "flipped.synthmed")
+    # Well-formed files whose settings do not match their weights, or that lack a weight.
+    model_type, config, tensors = read_model_file(path)
+    config["params"]["config"]["lstm_hidden"] += 1
+    save_model_file(tmp_path / "mismatch.synthmed", model_type, config, tensors)
+    with pytest.raises(ModelFileError, match="CGANSynthesizer"):
+        load_synthesizer(tmp_path / "mismatch.synthmed")
+    config["params"]["config"]["lstm_hidden"] -= 1
+    del tensors[next(iter(tensors))]
+    save_model_file(tmp_path / "missing.synthmed", model_type, config, tensors)
+    with pytest.raises(ModelFileError):
+        load_synthesizer(tmp_path / "missing.synthmed")
+
+
+def test_sample_to_streams_a_dataset(fitted, tmp_path):
+    folder = fitted.sample_to(tmp_path / "out", 25, chunk_size=10, seed=4)
+    back = Cohort.read_parquet(folder)
+    assert back.n_patients == 25
+
+
+# -- DP seam ---------------------------------------------------------------------------------------
+
+
+def test_critic_and_loader_go_through_the_privacy_seam(cohort, monkeypatch):
+    seen = {}
+
+    def spy(self, module, optimizer, data_loader, epochs):
+        seen.update(module=module, optimizer=optimizer, loader=data_loader, epochs=epochs)
+        return module, optimizer, data_loader
+
+    monkeypatch.setattr(CGANSynthesizer, "_make_private", spy)
+    tiny(epochs=1).fit(cohort)
+    assert isinstance(seen["module"], Critic)
+    critic_parameters = {id(p) for p in seen["module"].parameters()}
+    optimised = {id(p) for group in seen["optimizer"].param_groups for p in group["params"]}
+    assert optimised == critic_parameters
+    assert len(seen["loader"].dataset) == cohort.n_patients
+    assert seen["epochs"] == 1
+    no_batchnorm = [m for m in seen["module"].modules() if "BatchNorm" in type(m).__name__]
+    assert not no_batchnorm
+
+
+def test_private_training_spends_at_most_the_budget_and_records_it(cohort):
+    model = tiny(epsilon=3.0, config=dataclasses.replace(TINY, max_steps=48)).fit(cohort)
+    epsilon, delta = model.privacy_spent
+    assert 0 < epsilon <= 3.0 + 1e-6
+    assert delta < 1 / cohort.n_patients
+    assert model.sample(4).metadata["epsilon"] == epsilon
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"steps_per_cell": 0}, "steps_per_cell"),
+        ({"lstm_hidden": 2.5}, "lstm_hidden"),
+        ({"critic_lr": -1.0}, "critic_lr"),
+        ({"gradient_penalty": float("nan")}, "gradient_penalty"),
+        ({"condition_rate": 1.5}, "condition_rate"),
+        ({"betas": (0.5, 1.0)}, "betas"),
+    ],
+)
+def test_bad_config_fails_at_construction(change, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TINY, **change)
+
+
+def test_bad_arguments_are_refused(fitted, cohort):
+    with pytest.raises(ValueError, match="config"):
+        CGANSynthesizer(config={"lstm_hidden": 8})
+    with pytest.raises(ValueError, match="epochs"):
+        CGANSynthesizer(epochs=0)
+    with pytest.raises(NotFittedError):
+        tiny().sample(3)
+    with pytest.raises(DataError):
+        tiny().fit(cohort.static)
+    with pytest.raises(SchemaError):
+        fitted.sample(3, conditions={"Height": 170})
+    with pytest.raises(DataError):
+        fitted.sample(3, conditions={"ICUType": 9})
+    with pytest.raises(ValueError):
+        fitted.sample(0)
+
+
+def test_params_round_trip_and_repr(fitted):
+    params = fitted.get_params()
+    assert params["config"] == dataclasses.asdict(TINY)
+    rebuilt = CGANSynthesizer(**{**params, "config": CGANConfig(**params["config"])})
+    assert rebuilt.config == TINY
+    assert "CGANSynthesizer(" in repr(fitted)

@@ -1,0 +1,523 @@
+"""LSTMSynthesizer: fitting, sampling, conditioning, reproducibility, persistence, errors, and
+the likelihood heads it is built from. Tiny models on a simulated cohort keep this file fast."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from synthmed import Cohort, DataError, ModelFileError, SchemaError
+from synthmed.datasets import simulate_cohort
+from synthmed.models.heads import (
+    GaussianMixture,
+    NonEmptyBernoulliMixture,
+    ProductMixture,
+    ZeroInflatedLogNormalMixture,
+)
+from synthmed.models.lstm import (
+    LSTMConfig,
+    LSTMSynthesizer,
+    detect_resolution,
+    frequent_values,
+    snap,
+)
+from synthmed.models.lstm_network import SequenceSampler, StepFeatures, ValueCodec, gap_features
+from synthmed.models.persistence import load_synthesizer
+from synthmed.schema import Schema
+
+TINY = LSTMConfig(
+    hidden_size=16,
+    head_hidden=16,
+    gap_components=2,
+    mask_components=3,
+    value_components=2,
+    static_hidden=16,
+    static_layers=1,
+    static_components=2,
+)
+
+
+def tiny(**settings) -> LSTMSynthesizer:
+    defaults = {"config": TINY, "epochs": 3, "batch_size": 32, "verbose": False, "device": "cpu"}
+    return LSTMSynthesizer(**{**defaults, **settings})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models spend their time in thread hand-offs, not arithmetic: use one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cohort() -> Cohort:
+    """A simulated cohort in which ICU type 4 never occurs (the schema still allows it)."""
+    simulated = simulate_cohort(120, seed=1)
+    # Static columns out of alphabetical order: saved files sort their JSON keys.
+    order = ["ICUType", "Age", "In-hospital_death", "Gender"]
+    static = simulated.static[order].copy()
+    static["ICUType"] = static["ICUType"].replace({4: 3})
+    schema = simulated.schema
+    columns = [schema[name] for name in order] + [schema[v] for v in schema.temporal_columns]
+    return Cohort(static, simulated.events, Schema(columns, schema.id_column))
+
+
+@pytest.fixture(scope="module")
+def synth(cohort: Cohort) -> LSTMSynthesizer:
+    return tiny(seed=0).fit(cohort)
+
+
+def assert_same(a: Cohort, b: Cohort) -> None:
+    pd.testing.assert_frame_equal(a.static, b.static)
+    pd.testing.assert_frame_equal(a.events, b.events)
+
+
+# -- fitting and sampling ------------------------------------------------------------------------
+
+
+def test_fit_records_history_and_facts(synth: LSTMSynthesizer, cohort: Cohort) -> None:
+    history = synth.history_
+    assert len(history) == 3
+    assert {"train_loss", "val_loss", "static", "gap", "mask", "values", "end"} <= set(history)
+    assert np.isfinite(history["train_loss"]).all()
+    assert synth.max_length_ == cohort.arrays.lengths.max()
+    assert synth.n_truncated_ == 0
+    assert synth.max_time_ == pytest.approx(cohort.events["time"].max())
+
+
+def test_sample_is_a_valid_cohort(synth: LSTMSynthesizer, cohort: Cohort) -> None:
+    out = synth.sample(60, seed=1)
+    assert isinstance(out, Cohort)
+    assert out.n_patients == 60
+    assert out.variables == cohort.variables
+    assert list(out.static.columns) == cohort.static_columns
+    assert "empty_event_rows" not in out.cleaning  # no step without an observed variable
+    events = out.events
+    assert (events["time"] >= 0).all()
+    assert (events["time"] <= synth.max_time_ + 1e-9).all()
+    assert events.groupby(out.id_column)["time"].apply(lambda t: t.is_monotonic_increasing).all()
+    # Values honour the schema's bounds, and integer columns come out whole.
+    for name in cohort.variables:
+        column = cohort.schema[name]
+        values = events[name].dropna()
+        assert values.between(column.lower, column.upper).all()
+    assert (out.static["Age"] == out.static["Age"].round()).all()
+    assert out.metadata["generator"] == "LSTMSynthesizer"
+
+
+def test_lengths_and_masks_vary(synth: LSTMSynthesizer) -> None:
+    arrays = synth.sample(80, seed=2).arrays
+    assert arrays.lengths.std() > 0
+    assert arrays.lengths.max() <= synth.max_length_
+    patterns = {tuple(row) for row in arrays.mask[arrays.step_mask]}
+    assert len(patterns) > 5
+    rates = arrays.mask[arrays.step_mask].mean(axis=0)
+    assert ((rates > 0) & (rates < 1)).all()
+
+
+def test_times_and_values_on_the_training_grid(synth: LSTMSynthesizer) -> None:
+    out = synth.sample(40, seed=3)
+    minutes = out.events["time"].to_numpy() * 60
+    np.testing.assert_allclose(minutes, np.round(minutes), atol=1e-6)
+    hr = out.events["HR"].dropna().to_numpy()
+    np.testing.assert_allclose(hr, np.round(hr))
+
+
+# -- reproducibility -----------------------------------------------------------------------------
+
+
+def test_same_seed_same_sample_different_seed_different(synth: LSTMSynthesizer) -> None:
+    assert_same(synth.sample(30, seed=5), synth.sample(30, seed=5))
+    other = synth.sample(30, seed=6)
+    assert not other.events.equals(synth.sample(30, seed=5).events)
+
+
+def test_same_seed_same_fit(cohort: Cohort) -> None:
+    small = cohort.subset(cohort.ids[:40])
+    first = tiny(epochs=1, seed=3).fit(small).sample(20, seed=0)
+    second = tiny(epochs=1, seed=3).fit(small).sample(20, seed=0)
+    assert_same(first, second)
+    third = tiny(epochs=1, seed=4).fit(small).sample(20, seed=0)
+    assert not third.events.equals(first.events)
+
+
+# -- conditions ----------------------------------------------------------------------------------
+
+
+def test_dict_conditions_are_honoured(synth: LSTMSynthesizer) -> None:
+    out = synth.sample(40, conditions={"In-hospital_death": 1, "Age": 71}, seed=0)
+    assert (out.static["In-hospital_death"] == 1).all()
+    assert (out.static["Age"] == 71).all()
+    assert out.static["Gender"].nunique() == 2  # free columns are still drawn
+
+
+def test_dataframe_conditions_are_honoured_row_by_row(synth: LSTMSynthesizer) -> None:
+    conditions = pd.DataFrame(
+        {
+            "ICUType": [1, 2, None, 3] * 10,
+            "Age": [30.0, np.nan, 80.0, np.nan] * 10,
+        }
+    )
+    out = synth.sample(conditions=conditions, seed=0)
+    assert out.n_patients == 40
+    static = out.static.reset_index(drop=True)
+    given = conditions["ICUType"].notna()
+    assert (static.loc[given, "ICUType"].to_numpy() == conditions.loc[given, "ICUType"]).all()
+    given = conditions["Age"].notna()
+    assert (static.loc[given, "Age"].to_numpy() == conditions.loc[given, "Age"]).all()
+    assert static.loc[~given, "Age"].nunique() > 1
+
+
+def test_conditions_change_the_sequences(synth: LSTMSynthesizer) -> None:
+    """The LSTM reads the static vector: fixing it changes what follows."""
+    a = synth.sample(30, conditions={"Age": 20}, seed=0)
+    b = synth.sample(30, conditions={"Age": 90}, seed=0)
+    assert not a.events.drop(columns=a.id_column).equals(b.events.drop(columns=b.id_column))
+
+
+# -- persistence ---------------------------------------------------------------------------------
+
+
+def test_save_load_gives_the_same_samples(synth: LSTMSynthesizer, tmp_path) -> None:
+    before = synth.sample(25, seed=7)
+    path = synth.save(tmp_path / "model.synthmed")
+    loaded = load_synthesizer(path)
+    assert isinstance(loaded, LSTMSynthesizer)
+    assert loaded.get_params() == synth.get_params()
+    assert loaded.max_length_ == synth.max_length_
+    assert_same(loaded.sample(25, seed=7), before)
+
+
+def test_corrupted_file_raises(synth: LSTMSynthesizer, tmp_path) -> None:
+    path = synth.save(tmp_path / "model.synthmed")
+    content = bytearray(path.read_bytes())
+    truncated = tmp_path / "truncated.synthmed"
+    truncated.write_bytes(content[: len(content) // 2])
+    with pytest.raises(ModelFileError):
+        load_synthesizer(truncated)
+    garbage = tmp_path / "garbage.synthmed"
+    garbage.write_bytes(b"not a model at all")
+    with pytest.raises(ModelFileError):
+        load_synthesizer(garbage)
+
+
+def test_inconsistent_state_raises_model_file_error(synth: LSTMSynthesizer) -> None:
+    state, tensors = synth._get_state()
+    tensors = dict(tensors)
+    tensors.pop(next(iter(tensors)))
+    config = {
+        "params": synth.get_params(),
+        "schema": synth.schema_.to_dict(),
+        "fitted": {
+            "seed_": 0,
+            "n_train_patients_": 1,
+            "id_prefix_": "syn-",
+            "fit_seconds_": 0.0,
+            "privacy_spent_": None,
+            "history_": {},
+        },
+        "state": state,
+    }
+    with pytest.raises(ModelFileError):
+        LSTMSynthesizer._from_saved(config, tensors)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5])
+def test_bad_n_raises(synth: LSTMSynthesizer, n) -> None:
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        synth.sample(n)
+
+
+def test_unknown_condition_column_raises(synth: LSTMSynthesizer) -> None:
+    with pytest.raises(SchemaError, match="Weight"):
+        synth.sample(5, conditions={"Weight": 80})
+
+
+def test_category_never_seen_in_training_raises(synth: LSTMSynthesizer) -> None:
+    with pytest.raises(DataError, match="never occurs in the training data"):
+        synth.sample(5, conditions={"ICUType": 4})
+    with pytest.raises(DataError, match="never seen"):
+        synth.sample(5, conditions={"ICUType": 7})
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"epochs": 0},
+        {"batch_size": -1},
+        {"learning_rate": 0},
+        {"validation_fraction": 1.0},
+        {"patience": 0},
+        {"max_length": 0},
+        {"config": {"hidden_size": 0}},
+        {"config": {"no_such_field": 3}},
+    ],
+)
+def test_bad_settings_raise(settings) -> None:
+    with pytest.raises(ValueError):
+        LSTMSynthesizer(**settings)
+
+
+def test_no_temporal_variable_raises(cohort: Cohort) -> None:
+    static = cohort.static
+    events = cohort.events[[cohort.id_column, "time"]].iloc[:0]
+    schema = cohort.schema
+    bare = Schema([schema[c] for c in schema.static_columns], schema.id_column)
+    with pytest.raises(DataError, match="temporal variable"):
+        tiny().fit(Cohort(static, events, bare))
+
+
+# -- training details ----------------------------------------------------------------------------
+
+
+def test_max_length_truncates_and_counts(cohort: Cohort) -> None:
+    synth = tiny(epochs=1, max_length=10).fit(cohort)
+    assert synth.n_truncated_ == int((cohort.arrays.lengths > 10).sum()) > 0
+    assert synth.max_length_ == 10
+    assert synth.sample(30, seed=0).arrays.lengths.max() <= 10
+
+
+def test_early_stopping_keeps_the_best_epoch(cohort: Cohort) -> None:
+    synth = tiny(epochs=40, patience=2, learning_rate=0.05, seed=1).fit(cohort)
+    history = synth.history_
+    assert len(history) < 40
+    best = int(history["val_loss"].idxmin()) + 1
+    assert synth.best_epoch_ == best
+    assert len(history) - best == 2
+
+
+def test_minibatches_not_one_step_per_epoch(cohort: Cohort, monkeypatch) -> None:
+    steps = []
+    original = torch.optim.Adam.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    tiny(epochs=1, batch_size=16).fit(cohort)
+    n_train = cohort.n_patients - round(cohort.n_patients * 0.1)
+    assert len(steps) == math.ceil(n_train / 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda(cohort: Cohort) -> None:
+    synth = tiny(device="cuda", epochs=1).fit(cohort)
+    assert synth.sample(10, seed=0).n_patients == 10
+
+
+# -- building blocks -----------------------------------------------------------------------------
+
+
+def test_sampler_unrolls_the_trained_lstm_exactly(synth: LSTMSynthesizer) -> None:
+    net = synth.network_.sequence
+    sampler = SequenceSampler(
+        net, synth._codec, {"gap_scale": 1.0, "time_scale": 1.0, "length_scale": 10.0}, 0.0, 0.0
+    )
+    gen = torch.Generator().manual_seed(0)
+    static = torch.randn(4, net.static_size, generator=gen)
+    x = torch.randn(4, 5, net.input_size, generator=gen)
+    with torch.no_grad():
+        expected, _ = net.lstm(
+            torch.cat([x, static[:, None].expand(-1, 5, -1)], 2), net.initial_state(static)
+        )
+        h0, c0 = net.initial_state(static)
+        h, c = h0[0], c0[0]
+        w_in, w_hh, w_static, bias = sampler.layers[0]
+        static_bias = torch.addmm(bias, static, w_static)
+        for t in range(5):
+            h, c = sampler._lstm_cell(x[:, t], h, c, w_in, w_hh, static_bias)
+            torch.testing.assert_close(h, expected[:, t], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_mask_head_is_a_distribution_over_non_empty_masks_and_samples_it(chained) -> None:
+    head = NonEmptyBernoulliMixture(n_variables=3, n_components=2)
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(1, head.n_params, generator=gen) * 2
+    interactions = torch.tril(torch.randn(3, 3, generator=gen) * 3, -1) if chained else None
+    masks = torch.tensor(
+        [m for m in itertools.product([0, 1], repeat=3) if any(m)], dtype=torch.float32
+    )
+    terms = masks @ interactions.t() if chained else None
+    probs = head.log_prob(raw.expand(len(masks), -1), masks, terms).exp()
+    torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+    drawn = head.sample(raw.expand(100_000, -1), torch.Generator().manual_seed(1), interactions)
+    assert drawn.any(dim=1).all()
+    frequency = torch.stack([(drawn == m.bool()).all(1).float().mean() for m in masks])
+    torch.testing.assert_close(frequency, probs, atol=0.006, rtol=0)
+
+
+def test_gap_head_integrates_to_one() -> None:
+    head = ZeroInflatedLogNormalMixture(n_components=3, scale=2.0)
+    raw = torch.randn(
+        head.n_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    grid = torch.linspace(1e-6, 400.0, 400_001, dtype=torch.float64)
+    density = head.log_prob(raw.expand(len(grid), -1), grid).exp()
+    mass = (
+        torch.trapezoid(density, grid)
+        + head.log_prob(raw, torch.zeros((), dtype=torch.float64)).exp()
+    )
+    assert float(mass) == pytest.approx(1.0, abs=2e-3)
+    draws = head.sample(raw.expand(2000, -1), torch.Generator().manual_seed(2))
+    assert (draws >= 0).all()
+
+
+def test_product_mixture_marginalises_unobserved_variables() -> None:
+    head = ProductMixture(n_numeric=2, category_sizes=[3], n_components=4)
+    raw = torch.randn(1, head.n_params, generator=torch.Generator().manual_seed(0))
+    z = torch.tensor([[0.3, -1.0]])
+    yes, no = torch.tensor([[True, True]]), torch.tensor([[True, False]])
+    # Summing the categorical variable over its categories gives the likelihood without it.
+    joint = (
+        torch.stack(
+            [
+                head.log_prob(raw, z, torch.tensor([[c]]), yes, torch.tensor([[True]]))
+                for c in range(3)
+            ]
+        )
+        .exp()
+        .sum()
+    )
+    without = head.log_prob(raw, z, torch.tensor([[0]]), yes, torch.tensor([[False]])).exp()
+    torch.testing.assert_close(joint, without.squeeze())
+    # An unobserved numeric variable does not depend on its placeholder value.
+    a = head.log_prob(raw, z, torch.tensor([[0]]), no, torch.tensor([[False]]))
+    b = head.log_prob(
+        raw, z + torch.tensor([[0.0, 5.0]]), torch.tensor([[0]]), no, torch.tensor([[False]])
+    )
+    torch.testing.assert_close(a, b)
+
+
+def test_gaussian_mixture_sample_matches_its_density() -> None:
+    head = GaussianMixture(n_dims=1, n_components=2)
+    raw = torch.tensor([[0.0, 0.0, -3.0, 3.0, -2.0, -2.0]])
+    draws = head.sample(raw.expand(20_000, -1), torch.Generator().manual_seed(0))
+    assert float(draws.mean()) == pytest.approx(0.0, abs=0.1)
+    assert float((draws > 0).float().mean()) == pytest.approx(0.5, abs=0.03)
+
+
+def test_detect_resolution() -> None:
+    rng = np.random.default_rng(0)
+    assert detect_resolution(np.round(rng.normal(80, 10, 500))) == 1.0
+    assert detect_resolution(np.round(rng.normal(37, 1, 500), 1)) == pytest.approx(0.1)
+    assert detect_resolution(rng.normal(0, 1, 500)) == 0.0
+
+
+def test_frequent_values_and_snapping() -> None:
+    inches = np.repeat(np.round(np.arange(60, 76) * 2.54, 1), 20)
+    support, share = frequent_values(np.r_[inches, 171.3])  # one rare value is left out
+    assert support == sorted(set(inches.tolist()))
+    assert share == pytest.approx(len(inches) / (len(inches) + 1))
+    assert frequent_values(np.random.default_rng(0).normal(size=500)) is None
+    snapped = snap(np.array([152.5, 170.0, 175.0, 240.0]), support)
+    np.testing.assert_allclose(snapped[:3], [152.4, 170.2, 175.3])
+    assert snapped[3] == 240.0  # far outside the frequent values: left alone
+
+
+def test_codec_snaps_like_its_numpy_twin() -> None:
+    support = [list(np.round(np.arange(60, 76) * 2.54, 1)), None]
+    codec = ValueCodec(
+        [False, False], [0, 0], [1, 1], [0, 0], [500, 500], [0.1, 1.0], support, torch.device("cpu")
+    )
+    x = np.round(np.random.default_rng(0).uniform(140, 200, 1000), 1)
+    out = codec.from_z(torch.tensor(np.stack([x, x], 1), dtype=torch.float32)).numpy()
+    expected = snap(x, support[0])
+    inside = (x > 150) & (x < 192)
+    assert np.isin(np.round(out[inside, 0].astype(np.float64), 1), support[0]).all()
+    # Same value, or a tie between two equally near support values.
+    np.testing.assert_allclose(np.abs(out[:, 0] - x), np.abs(expected - x), atol=1e-4)
+    np.testing.assert_allclose(out[:, 1], np.round(x))
+
+
+def test_config_accepts_a_dict_of_fields() -> None:
+    synth = LSTMSynthesizer(config={"hidden_size": 8})
+    assert synth.config == LSTMConfig(hidden_size=8)
+    assert synth.get_params()["config"]["hidden_size"] == 8
+
+
+def test_resumed_training_matches_an_uninterrupted_one(cohort: Cohort, tmp_path, monkeypatch):
+    small = cohort.subset(cohort.ids[:60])
+    uninterrupted = tiny(epochs=3, seed=2).fit(small)
+    original = LSTMSynthesizer._validation_loss
+    calls = []
+
+    def crash_in_epoch_2(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return original(self, *args)
+
+    monkeypatch.setattr(LSTMSynthesizer, "_validation_loss", crash_in_epoch_2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tiny(epochs=3, seed=2).fit(small, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(LSTMSynthesizer, "_validation_loss", original)
+    resumed = tiny(epochs=3, seed=2).fit(small, checkpoint_dir=tmp_path, resume=True)
+    columns = ["epoch", "train_loss", "val_loss"]
+    pd.testing.assert_frame_equal(resumed.history_[columns], uninterrupted.history_[columns])
+    assert_same(resumed.sample(10, seed=0), uninterrupted.sample(10, seed=0))
+
+
+def test_sampler_sees_what_training_sees(synth: LSTMSynthesizer) -> None:
+    """Replaying a generated sequence through the training path gives the very distributions
+    the step-by-step sampler drew it from (same features, same state, same heads)."""
+    net = synth.network_.sequence
+    sampler = synth._sampler
+    seen: dict[str, list[torch.Tensor]] = {"gap": [], "mask": [], "value": [], "anchor": []}
+    heads = {"gap": net.gap_head, "mask": net.mask_head, "value": net.value_head}
+    originals = {name: head.sample for name, head in heads.items()}
+
+    def recording(name):
+        def sample(raw, generator, *extra):
+            seen[name].append(raw.clone())
+            if name == "value":
+                seen["anchor"].append(extra[0].clone())
+            return originals[name](raw, generator, *extra)
+
+        return sample
+
+    static = torch.as_tensor(synth.static_encoder_.transform(synth.sample(1, seed=4).static))
+    try:
+        for name, head in heads.items():
+            head.sample = recording(name)
+        times, values, codes, mask, lengths = sampler.sample(
+            static, torch.Generator().manual_seed(0), synth.max_length_, synth.max_time_
+        )
+    finally:
+        for name, head in heads.items():
+            head.sample = originals[name]
+    steps = int(lengths[0])
+    assert steps > 3
+    gaps = torch.diff(times[0, :steps], prepend=torch.zeros(1))
+    z = synth._codec.to_z(values[0, :steps])
+    features = StepFeatures(
+        1, net.n_numeric, [], device=torch.device("cpu"), **sampler.feature_args
+    )
+    inputs = []
+    for t in range(steps):
+        inputs.append(features.inputs())
+        features.update(gaps[t : t + 1], mask[0, t : t + 1], z[t : t + 1], codes[0, t : t + 1])
+    with torch.no_grad():
+        x = torch.cat([torch.cat(inputs), static.expand(steps, -1)], dim=1)[None]
+        out, _ = net.lstm(x, net.initial_state(static))
+        hidden = torch.cat([out[0], gap_features(gaps, net.gap_scale)], dim=1)
+        expected = {
+            "gap": net.out(out[0])[:, 1:],
+            "mask": net.mask_net(hidden),
+            "value": net.value_net(torch.cat([hidden, mask[0, :steps].float()], dim=1)),
+        }
+    expected["anchor"] = torch.cat(inputs)[:, : net.n_numeric]  # last observed values
+    for name in expected:
+        drawn = torch.cat(seen[name][:steps])
+        torch.testing.assert_close(drawn, expected[name], atol=1e-4, rtol=1e-4)
