@@ -271,3 +271,23 @@ def test_parse_shard():
     for bad in ("5/5", "a/b", "1"):
         with pytest.raises(ValueError, match="shard"):
             parse_shard(bad)
+
+
+def test_static_encoder_reloads_in_schema_order_whatever_the_json_key_order(tiny_cohort):
+    import json
+
+    from synthmed.models.transforms import StaticEncoder
+
+    encoder = StaticEncoder().fit(tiny_cohort.static, tiny_cohort.schema)
+    stored = json.loads(json.dumps(encoder.to_dict(), sort_keys=True))
+    reloaded = StaticEncoder.from_dict(stored, tiny_cohort.schema)
+    assert [b.name for b in reloaded.blocks_] == tiny_cohort.schema.static_columns
+    np.testing.assert_array_equal(
+        reloaded.transform(tiny_cohort.static), encoder.transform(tiny_cohort.static)
+    )
+
+
+def test_history_columns_keep_their_order_through_save(fitted, tmp_path):
+    fitted.history_ = pd.DataFrame({"loss": [1.0], "epoch": [1]})
+    loaded = load_synthesizer(fitted.save(tmp_path / "m.synthmed"))
+    assert list(loaded.history_.columns) == ["loss", "epoch"]

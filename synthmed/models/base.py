@@ -516,7 +516,7 @@ class Synthesizer(abc.ABC):
                 "id_prefix_": self.id_prefix_,
                 "fit_seconds_": self.fit_seconds_,
                 "privacy_spent_": list(self.privacy_spent_) if self.privacy_spent_ else None,
-                "history_": self.history_.to_dict(orient="list"),
+                "history_": self.history_.to_dict(orient="split", index=False),
             },
             "state": state,
             "synthmed_version": synthmed.__version__,
@@ -545,7 +545,8 @@ class Synthesizer(abc.ABC):
             model.fit_seconds_ = fitted["fit_seconds_"]
             spent = fitted["privacy_spent_"]
             model.privacy_spent_ = tuple(spent) if spent else None
-            model.history_ = pd.DataFrame(fitted["history_"])
+            history = fitted["history_"]
+            model.history_ = pd.DataFrame(history["data"], columns=history["columns"])
             model._sample_calls = 0
             model._set_state(config["state"], tensors)
         except ModelFileError:

@@ -126,7 +126,8 @@ class StaticEncoder:
     @classmethod
     def from_dict(cls, data: dict[str, Any], schema: Schema) -> StaticEncoder:
         encoder = cls()
-        encoder.columns_ = {k: dict(v) for k, v in data["columns"].items()}
+        # Saved JSON sorts its keys: rebuild the blocks in the schema's column order.
+        encoder.columns_ = {name: dict(data["columns"][name]) for name in schema.static_columns}
         encoder.schema_ = schema
         encoder._build_blocks()
         return encoder
