@@ -193,7 +193,7 @@ class Report:
     def to_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON to ``path`` and return the path."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        _write_atomically(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         return path
 
     # -- HTML ------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class Report:
             table=self._table(),
         )
         path = Path(path)
-        path.write_text(page, encoding="utf-8")
+        _write_atomically(path, page)
         return path
 
     def _cards(self) -> str:
@@ -328,3 +328,10 @@ def _provenance(cohort: Cohort | None) -> str:
     return f"Synthetic cohort: {cohort.n_patients} patients" + (
         f" ({', '.join(parts)})" if parts else ""
     )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name beside ``path``, then rename: never a half-written report."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
