@@ -349,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
         "rest and write MODEL's name + .train.parquet / .holdout.parquet for 'evaluate' "
         "and 'share'",
     )
+    fit.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="save the training state (weights, optimizer, RNG, epoch, DP accountant) there, so "
+        "a killed run can continue with --resume (LSTM)",
+    )
+    fit.add_argument(
+        "--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir"
+    )
+    fit.add_argument(
+        "--checkpoint-every", type=int, default=1, metavar="N", help="epochs between checkpoints"
+    )
     _add_data_options(fit)
     fit.set_defaults(handler=_fit)
 
@@ -765,7 +777,14 @@ def _fit(args: argparse.Namespace) -> int:
             for part, label in ((train, "train"), (holdout, "holdout")):
                 written = part.to_parquet(stem.with_name(f"{stem.name}.{label}.parquet"))
                 _say(args, f"{label} patients ({part.n_patients}): {written}")
-    model.fit(train)
+    checkpointing = {}
+    if args.checkpoint_dir is not None or args.resume:
+        checkpointing = {
+            "checkpoint_dir": args.checkpoint_dir,
+            "resume": args.resume,
+            "checkpoint_every": args.checkpoint_every,
+        }
+    model.fit(train, **checkpointing)
     path = model.save(out)
     spent = model.privacy_spent
     privacy = f", epsilon={spent[0]:.3g}, delta={spent[1]:.3g}" if spent else ""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from synthmed import Cohort
+from synthmed import Cohort, load_synthesizer
 from synthmed.datasets import simulate_cohort
 
 COMMANDS = ("demo", "fit", "sample", "evaluate", "benchmark", "share", "privacy-sweep")
@@ -328,3 +328,19 @@ def test_user_mistakes_are_one_line_and_exit_2(work, args, expected):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("synthmed: error: ")
     assert expected in lines[0]
+
+
+def test_fit_writes_checkpoints_and_resumes_them(work):
+    checkpoints = work / "checkpoints"
+    common = ("fit", work / "cohort.csv", "--model", "lstm", "--epochs", "2", "--seed", "3",
+              "--id", "patient_id", "--time", "time", "--static", "Age", "Gender", "ICUType",
+              "--outcomes", "In-hospital_death", "--quiet", "--checkpoint-dir", checkpoints)  # fmt: skip
+    ok(synthmed(*common, "--out", work / "checkpointed.synthmed"))
+    assert (checkpoints / "checkpoint.pt").is_file()
+    ok(synthmed(*common, "--out", work / "resumed.synthmed", "--resume"))
+    first = load_synthesizer(work / "checkpointed.synthmed").sample(5, seed=0)
+    second = load_synthesizer(work / "resumed.synthmed").sample(5, seed=0)
+    pd.testing.assert_frame_equal(first.events, second.events)
+    refused = synthmed(*common[:3], "cgan", *common[4:], "--out", work / "gan.synthmed")
+    assert refused.returncode == 2 and "checkpoints" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

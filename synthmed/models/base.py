@@ -85,6 +85,8 @@ class Synthesizer(abc.ABC):
     """
 
     model_type: ClassVar[str]
+    #: Whether ``_fit`` saves and restores checkpoints (``fit(checkpoint_dir=...)``).
+    supports_checkpoints: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type[Synthesizer]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -203,6 +205,11 @@ class Synthesizer(abc.ABC):
                 "Cohort(static, events) or Cohort.from_long(df, id=..., time=..., static=[...])"
             )
         self._check_shared_settings()
+        if checkpoint_dir is not None and not self.supports_checkpoints:
+            raise ValueError(
+                f"{type(self).__name__} does not save training checkpoints yet; "
+                "fit without checkpoint_dir"
+            )
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the run to resume")
         if (

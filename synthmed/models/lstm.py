@@ -202,6 +202,7 @@ class LSTMSynthesizer(Synthesizer):
     """
 
     model_type: ClassVar[str] = "lstm"
+    supports_checkpoints: ClassVar[bool] = True
     config_class: ClassVar[type] = LSTMConfig
 
     def __init__(
