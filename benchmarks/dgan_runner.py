@@ -41,6 +41,8 @@ def main(folder: Path) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
     features_table = pd.read_parquet(folder / "features.parquet").sort_values(["patient", "step"])
     attributes_table = pd.read_parquet(folder / "attributes.parquet").sort_values("patient")
     names, attribute_names = job["features"], job["attributes"]

@@ -4,6 +4,7 @@ Usage::
 
     nice python benchmarks/run.py [--patients N] [--generators lstm cgan par gaussian-copula dgan]
                                   [--out DIR] [--data-dir DIR] [--set par.epochs=16 ...]
+                                  [--jobs 2]
 
 ``--patients N`` takes the first N patients of each of set-a and set-b (the full run uses all
 4,000 of each; the reference run is ``--patients 1000``). ``DIR`` for data defaults to
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-gru", action="store_true", help="skip the evaluation's recurrent discriminator"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="generators fitted at once, each with cpu_count/jobs threads",
+    )
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     command = " ".join(["python benchmarks/run.py", *(shlex.quote(a) for a in argv)])
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout=args.timeout,
         command=command,
         gru=not args.no_gru,
+        jobs=args.jobs,
     )
     print((args.out / "results.md").read_text())
     if table.get("note") is not None and table["note"].astype(str).str.startswith("failed").any():

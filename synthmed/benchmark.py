@@ -21,6 +21,7 @@ irregular holdout, like every other generator.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import importlib
@@ -102,6 +103,7 @@ def run_benchmark(
     timeout: float | None = None,
     command: str | None = None,
     gru: bool = True,
+    jobs: int = 1,
     verbose: bool = True,
 ) -> pd.DataFrame:
     """Fit, sample, time and evaluate each generator on PhysioNet 2012 (set-a → set-b).
@@ -125,6 +127,10 @@ def run_benchmark(
         timeout: Seconds allowed to one generator's fit + sample (None: no limit).
         command: The command line to record in the results (default: this process's).
         gru: Also run the evaluation's recurrent discriminator (its slowest metric).
+        jobs: Generators fitted at the same time, each in its own subprocess with
+            ``cpu_count // jobs`` torch threads (every generator gets the same share of the
+            machine, so the speed ratios stay fair); evaluations run in this process as the
+            generators finish.
         verbose: Progress lines on stderr.
 
     Returns:
@@ -136,6 +142,8 @@ def run_benchmark(
     unknown = [g for g in generators if g not in (*GENERATORS, "dgan")]
     if unknown:
         raise ValueError(f"unknown generator {unknown[0]!r}; choose from {DEFAULT_GENERATORS}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = _say if verbose else (lambda *_: None)
@@ -143,14 +151,15 @@ def run_benchmark(
     train, holdout = load_benchmark_data(data_dir, patients)
     say(f"train {train.n_patients} patients, holdout {holdout.n_patients} patients")
     train_file = train.to_parquet(out / "train.parquet")
-    rows: list[dict[str, Any]] = []
-    for name in generators:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+
+    def produce(name: str) -> tuple[dict[str, Any], Cohort | None]:
         row: dict[str, Any] = {"generator": name, "settings": settings.get(name, {})}
-        say(f"[{name}] fitting and sampling ...")
+        say(f"[{name}] fitting and sampling ({threads} thread(s)) ...")
         try:
             if name == "dgan":
                 synthetic, timing = _run_dgan(
-                    train, holdout.n_patients, out, settings.get(name, {}), seed, timeout
+                    train, holdout.n_patients, out, settings.get(name, {}), seed, timeout, threads
                 )
                 row["note"] = (
                     "hourly grid: 48 bins, gaps filled (ffill/bfill, then median); "
@@ -161,33 +170,52 @@ def run_benchmark(
                 if missing:
                     raise _Skip(missing)
                 synthetic, timing = _run_worker(
-                    name, train_file, holdout.n_patients, out, settings.get(name, {}), seed, timeout
+                    name,
+                    train_file,
+                    holdout.n_patients,
+                    out,
+                    settings.get(name, {}),
+                    seed,
+                    timeout,
+                    threads,
                 )
         except _Skip as skip:
             row["note"] = f"skipped: {skip}"
             say(f"[{name}] {row['note']}")
-            rows.append(row)
-            continue
+            return row, None
         except Exception as exc:  # a failing generator must not stop the others
             row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             say(f"[{name}] {row['note']}")
-            rows.append(row)
-            continue
+            return row, None
         row.update(timing)
+        row["threads"] = threads
         say(
             f"[{name}] fit {timing['fit_s']:.1f}s, {timing['patients_per_s']:.1f} patients/s, "
-            f"peak {timing['peak_rss_mb']:.0f} MB; evaluating ..."
+            f"peak {timing['peak_rss_mb']:.0f} MB"
         )
-        row.update(_evaluate(name, holdout, synthetic, train, out, seed, gru))
-        say(f"[{name}] evaluated in {row['evaluate_s']:.0f}s")
-        rows.append(row)
-        _write_json(out / "results.json", _json_rows(rows))
+        return row, synthetic
+
+    rows: list[dict[str, Any]] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = [pool.submit(produce, name) for name in generators]
+        for future in concurrent.futures.as_completed(pending):
+            row, synthetic = future.result()
+            if synthetic is not None:
+                name = row["generator"]
+                say(f"[{name}] evaluating ...")
+                row.update(_evaluate(name, holdout, synthetic, train, out, seed, gru))
+                say(f"[{name}] evaluated in {row['evaluate_s']:.0f}s")
+            rows.append(row)
+            _write_json(out / "results.json", _json_rows(rows))
+    rows.sort(key=lambda r: list(generators).index(r["generator"]))
     table = pd.DataFrame(rows)
     _add_ratios(table)
     facts = machine_facts()
     facts["total_s"] = round(time.perf_counter() - started, 1)
     facts["train_patients"] = train.n_patients
     facts["holdout_patients"] = holdout.n_patients
+    facts["jobs"] = jobs
+    facts["threads_per_generator"] = threads
     command = command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
     markdown = results_markdown(table, facts, command)
     (out / "results.md").write_text(markdown + "\n", encoding="utf-8")
@@ -257,6 +285,7 @@ def _run_worker(
     settings: dict[str, Any],
     seed: int,
     timeout: float | None,
+    threads: int,
 ) -> tuple[Cohort, dict[str, Any]]:
     synthetic_file = out / f"synthetic-{name}.parquet"
     timing_file = out / f"timing-{name}.json"
@@ -269,19 +298,28 @@ def _run_worker(
         "seed": seed,
         "synthetic": str(synthetic_file),
         "timing": str(timing_file),
+        "threads": threads,
     }
     command = [sys.executable, "-m", "synthmed.benchmark", "--worker", json.dumps(job)]
-    _run_child(command, name, out, timeout)
+    _run_child(command, name, out, timeout, threads)
     timing = json.loads(timing_file.read_text())
     return Cohort.read_parquet(synthetic_file), timing
 
 
-def _run_child(command: list[str], name: str, out: Path, timeout: float | None) -> None:
+def _run_child(
+    command: list[str], name: str, out: Path, timeout: float | None, threads: int
+) -> None:
     log = out / f"log-{name}.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with log.open("w") as handle:
         try:
             result = subprocess.run(
-                command, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout, check=False
+                command,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+                env=env,
             )
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{name} took longer than {timeout:.0f}s") from None
@@ -295,7 +333,7 @@ def worker(job: dict[str, Any]) -> None:
     import torch
 
     module, cls = GENERATORS[job["generator"]]
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(job.get("threads") or max(1, os.cpu_count() or 1)))
     train = Cohort.read_parquet(job["train"])
     synthesizer = getattr(importlib.import_module(module), cls)(
         **{"seed": job["seed"], "verbose": False, **job["settings"]}
@@ -337,6 +375,7 @@ def _run_dgan(
     settings: dict[str, Any],
     seed: int,
     timeout: float | None,
+    threads: int,
 ) -> tuple[Cohort, dict[str, Any]]:
     python = dgan_python()
     if python is None:
@@ -360,9 +399,10 @@ def _run_dgan(
         "n": n,
         "seed": seed,
         "epochs": settings.get("epochs"),
+        "threads": threads,
     }
     _write_json(folder / "job.json", job)
-    _run_child([str(python), str(DGAN_RUNNER), str(folder)], "dgan", out, timeout)
+    _run_child([str(python), str(DGAN_RUNNER), str(folder)], "dgan", out, timeout, threads)
     timing = json.loads((folder / "timing.json").read_text())
     features = pd.read_parquet(folder / "synthetic-features.parquet")
     attributes = pd.read_parquet(folder / "synthetic-attributes.parquet")
@@ -590,7 +630,9 @@ def results_markdown(table: pd.DataFrame, facts: Mapping[str, Any], command: str
         f"Machine: {facts.get('cpu_cores')} cores ({facts.get('cpu')}), {facts.get('ram_gb')} GB "
         f"RAM; Python {facts.get('python')}, torch {facts.get('torch')}, SDV {facts.get('sdv')}, "
         f"SDMetrics {facts.get('sdmetrics')}, synthmed {facts.get('synthmed')}; "
-        f"{facts.get('date_utc')} UTC; whole run {facts.get('total_s')} s.",
+        f"{facts.get('date_utc')} UTC; {facts.get('jobs', 1)} generator(s) at a time with "
+        f"{facts.get('threads_per_generator', facts.get('cpu_cores'))} torch thread(s) each; "
+        f"whole run {facts.get('total_s')} s.",
         "",
         "| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",

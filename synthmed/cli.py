@@ -484,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, metavar="SECONDS", help="limit per generator"
     )
     benchmark.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="generators fitted at once, each with cpu_count/N threads (default: 1)",
+    )
+    benchmark.add_argument(
         "--results-md",
         metavar="PATH",
         help="also replace the benchmark section of this Markdown file (e.g. the README)",
@@ -1026,6 +1033,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         settings=settings,
         seed=args.seed,
         timeout=args.timeout,
+        jobs=args.jobs,
         command="synthmed " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
         verbose=not args.quiet,
     )

@@ -21,7 +21,7 @@ from synthmed.encoding import (
     encode_static,
 )
 from synthmed.errors import DataError, SchemaError
-from synthmed.schema import DEFAULT_ID_COLUMN, DEFAULT_TIME_COLUMN, Schema
+from synthmed.schema import DEFAULT_ID_COLUMN, DEFAULT_TIME_COLUMN, ColumnSchema, Schema
 
 logger = logging.getLogger("synthmed")
 
@@ -169,39 +169,64 @@ class Cohort:
         """Build a cohort from padded arrays laid out as :class:`SequenceArrays`.
 
         ``values`` holds category codes for categorical temporal variables; entries where
-        ``mask`` is False (or, without a mask, NaN entries) are unobserved. The result is
-        validated like any cohort, so a generator that breaks the schema is caught here.
+        ``mask`` is False (or, without a mask, NaN entries) are unobserved. The arrays are
+        validated as arrays, vectorised, against the same rules as any cohort (a generator that
+        breaks the schema is caught here), and, as everywhere, steps with no observed variable
+        are dropped and counted in ``metadata["cleaning"]["empty_event_rows"]``. Times must not
+        decrease within a patient.
         """
         times = np.asarray(times, dtype=np.float64)
         values = np.asarray(values, dtype=np.float64)
         lengths = np.asarray(lengths, dtype=np.int64)
         n, max_length = times.shape[:2]
-        if len(static) != n or len(lengths) != n or values.shape[:2] != (n, max_length):
+        variables = schema.temporal_columns
+        if (
+            len(static) != n
+            or len(lengths) != n
+            or values.shape != (n, max_length, len(variables))
+            or (mask is not None and np.shape(mask) != values.shape)
+        ):
             raise DataError(
                 f"array shapes disagree: static {len(static)}, times {times.shape}, "
-                f"values {values.shape}, lengths {lengths.shape}"
+                f"values {values.shape} for {len(variables)} temporal variables, "
+                f"lengths {lengths.shape}, mask {None if mask is None else np.shape(mask)}"
             )
+        if ((lengths < 0) | (lengths > max_length)).any():
+            i = int(np.flatnonzero((lengths < 0) | (lengths > max_length))[0])
+            raise DataError(
+                f"patient {_show(static.index[i])} has length {lengths[i]} "
+                f"outside [0, {max_length}]"
+            )
+        _check_unique_columns(static, "static")
+        event_columns = pd.DataFrame(columns=[schema.id_column, schema.time_column, *variables])
+        _check_columns_match(static, event_columns, schema)
+        static = _validate_static(static.rename_axis(schema.id_column), schema)
+        ids = static.index.to_numpy()
         if mask is not None:
             values = np.where(mask, values, np.nan)
         inside = np.arange(max_length)[None, :] < lengths[:, None]
-        patient, step = np.nonzero(inside)
-        data: dict[str, Any] = {
-            schema.id_column: static.index.to_numpy()[patient],
-            schema.time_column: times[patient, step],
-        }
-        for j, name in enumerate(schema.temporal_columns):
-            column = schema[name]
-            column_values = values[patient, step, j]
-            if column.kind == "numeric":
-                # float32 model outputs can land a rounding error past a float64 bound.
-                lower = -np.inf if column.lower is None else column.lower
-                upper = np.inf if column.upper is None else column.upper
-                column_values = np.clip(column_values, lower, upper)
-            else:
-                codes = np.where(np.isnan(column_values), -1, column_values).astype(np.int64)
-                column_values = decode_codes(codes, column.categories)
-            data[name] = column_values
-        return cls(static, pd.DataFrame(data), schema, metadata)
+        _check_array_times(times, inside, ids, schema.time_column)
+        observed = inside & ~np.isnan(values).all(axis=2) if variables else inside
+        n_empty = int(inside.sum() - observed.sum())
+        patient, step = np.nonzero(observed)
+        rows = values[patient, step]
+        columns = [
+            _array_column(rows[:, j], schema[name], ids, patient)
+            for j, name in enumerate(variables)
+        ]
+        if all(schema[name].kind == "numeric" for name in variables):
+            # One float block, no per-column copies: the common case of a generator's output.
+            # (the numeric columns are views of ``rows``, clipped in place).
+            events = pd.DataFrame(rows, columns=variables)
+        else:
+            events = pd.DataFrame(dict(zip(variables, columns, strict=True)))
+        events.insert(0, schema.time_column, times[patient, step])
+        events.insert(0, schema.id_column, ids[patient])
+        metadata = copy.deepcopy(dict(metadata or {}))
+        if n_empty:
+            cleaning = metadata.setdefault("cleaning", {})
+            cleaning["empty_event_rows"] = cleaning.get("empty_event_rows", 0) + n_empty
+        return cls._trusted(static, events, schema, metadata)
 
     # -- conversions -----------------------------------------------------------------------------
 
@@ -515,6 +540,55 @@ def _validate_column(
             f"the schema allows {list(column.categories)}"
         )
     return values.to_numpy(dtype=object) if values.dtype == object else values.to_numpy()
+
+
+def _check_array_times(
+    times: np.ndarray, inside: np.ndarray, ids: np.ndarray, time_column: str
+) -> None:
+    """Padded times must be finite, non-negative and non-decreasing inside each sequence."""
+    bad = inside & (~np.isfinite(times) | (times < 0))
+    if bad.any():
+        i, t = np.argwhere(bad)[0]
+        raise DataError(
+            f"column {_show(time_column)}: patient {_show(ids[i])} has time {_show(times[i, t])}; "
+            "times must be finite and non-negative"
+        )
+    decreasing = inside[:, 1:] & (np.diff(times, axis=1) < 0)
+    if decreasing.any():
+        i, t = np.argwhere(decreasing)[0]
+        raise DataError(
+            f"column {_show(time_column)}: patient {_show(ids[i])} has time {_show(times[i, t + 1])} "
+            f"after {_show(times[i, t])}; times must not decrease within a patient"
+        )
+
+
+def _array_column(
+    values: np.ndarray, column: ColumnSchema, ids: np.ndarray, patient: np.ndarray
+) -> np.ndarray:
+    """One temporal column from float array values (category codes for categorical columns)."""
+    if column.kind == "numeric":
+        infinite = np.isinf(values)
+        if infinite.any():
+            i = np.flatnonzero(infinite)[0]
+            raise DataError(
+                f"column {_show(column.name)}: patient {_show(ids[patient[i]])} has infinite value "
+                f"{_show(values[i])}"
+            )
+        # float32 model outputs can land a rounding error past a float64 bound.
+        lower = -np.inf if column.lower is None else column.lower
+        upper = np.inf if column.upper is None else column.upper
+        return np.clip(values, lower, upper, out=values)
+    present = ~np.isnan(values)
+    invalid = present & (
+        (values < 0) | (values >= len(column.categories)) | (values != np.round(values))
+    )
+    if invalid.any():
+        i = np.flatnonzero(invalid)[0]
+        raise DataError(
+            f"column {_show(column.name)}: patient {_show(ids[patient[i]])} has category code "
+            f"{_show(values[i])}; the schema has {len(column.categories)} categories"
+        )
+    return decode_codes(np.where(present, values, -1), column.categories)
 
 
 def _coerce_numeric(values: pd.Series, name: str, patients: np.ndarray) -> np.ndarray:

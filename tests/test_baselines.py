@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -279,3 +280,28 @@ def test_benchmark_summary_and_results_section(tmp_path):
     text = path.read_text()
     assert text.count(SECTION_START) == 1 and text.count(SECTION_END) == 1
     assert "kept above" in text and "500.0" in text and "| lstm | 10.0 | 400.0 |" not in text
+
+
+def test_benchmark_runs_generators_side_by_side_and_reports_each(physionet_dir, tmp_path):
+    from synthmed.benchmark import run_benchmark
+
+    table = run_benchmark(
+        physionet_dir,
+        patients=40,
+        generators=["lstm", "gaussian-copula"],
+        out_dir=tmp_path,
+        settings={"lstm": {"epochs": 1}},
+        gru=False,
+        jobs=2,
+        verbose=False,
+    )
+    assert table["generator"].tolist() == ["lstm", "gaussian-copula"]  # the order asked for
+    assert "note" not in table or table["note"].isna().all()
+    assert (table["threads"] == max(1, (os.cpu_count() or 1) // 2)).all()
+    for column in ("fit_s", "patients_per_s", "discriminative_score", "ks_complement"):
+        assert np.isfinite(table[column].to_numpy(dtype=float)).all(), column
+    assert (tmp_path / "report-lstm.html").exists()
+    assert (tmp_path / "report-gaussian-copula.html").exists()
+    assert "2 generator(s) at a time" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        run_benchmark(physionet_dir, patients=5, generators=["lstm"], out_dir=tmp_path, jobs=0)

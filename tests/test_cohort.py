@@ -249,3 +249,51 @@ def test_free_text_columns_are_refused_so_they_cannot_be_copied():
     events = pd.DataFrame({"pid": range(40), "time": 0.0, "HR": 80.0})
     with pytest.raises(SchemaError, match="'note' looks like free text"):
         Cohort(static, events)
+
+
+def test_from_arrays_matches_the_validating_constructor_and_counts_empty_steps():
+    cohort = make_cohort()
+    a = cohort.arrays
+    values = a.values.copy()
+    values[1, 1] = np.nan  # a step with nothing observed is dropped and counted, as in __init__
+    rebuilt = Cohort.from_arrays(cohort.static, a.times, values, a.lengths, cohort.schema)
+    kept = cohort.events.drop(index=3).reset_index(drop=True)
+    pd.testing.assert_frame_equal(rebuilt.events, kept)
+    pd.testing.assert_frame_equal(rebuilt.events, Cohort(cohort.static, kept, cohort.schema).events)
+    assert rebuilt.cleaning == {"empty_event_rows": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t, v: t.__setitem__((1, 2), 0.1), "patient 2 has time 0.1 after 1.0"),
+        (lambda t, v: t.__setitem__((0, 0), np.inf), "patient 1 has time inf"),
+        (lambda t, v: t.__setitem__((0, 0), -1.0), "patient 1 has time -1.0"),
+        (lambda t, v: v.__setitem__((3, 0, 0), np.inf), "column 'HR': patient 4 has infinite"),
+    ],
+)
+def test_from_arrays_refuses_broken_generator_output(change, message):
+    cohort = make_cohort()
+    a = cohort.arrays
+    times, values = a.times.copy(), a.values.astype(np.float64)
+    change(times, values)
+    with pytest.raises(DataError, match=message):
+        Cohort.from_arrays(cohort.static, times, values, a.lengths, cohort.schema)
+
+
+def test_from_arrays_refuses_bad_category_codes_and_shapes():
+    static, events = make_tables()
+    events["Unit"] = ["icu", "ward", "icu", "icu", "ward", "icu"]
+    cohort = Cohort(static, events)
+    a = cohort.arrays
+    j = a.variables.index("Unit")
+    values = a.values.astype(np.float64)
+    values[0, 0, j] = 5.0
+    with pytest.raises(DataError, match="column 'Unit': patient 1 has category code 5.0"):
+        Cohort.from_arrays(cohort.static, a.times, values, a.lengths, cohort.schema)
+    with pytest.raises(DataError, match="array shapes disagree"):
+        Cohort.from_arrays(cohort.static, a.times, a.values[:, :, :1], a.lengths, cohort.schema)
+    with pytest.raises(DataError, match=r"patient 1 has length 8 outside \[0, 3\]"):
+        Cohort.from_arrays(cohort.static, a.times, a.values, a.lengths + 6, cohort.schema)
+    rebuilt = Cohort.from_arrays(cohort.static, a.times, a.values, a.lengths, cohort.schema)
+    pd.testing.assert_frame_equal(rebuilt.events, cohort.events)
