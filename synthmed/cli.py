@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-dir",
         metavar="DIR",
         help="save the training state (weights, optimizer, RNG, epoch, DP accountant) there, so "
-        "a killed run can continue with --resume (LSTM)",
+        "a killed run can continue with --resume (LSTM and CGAN)",
     )
     fit.add_argument(
         "--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir"

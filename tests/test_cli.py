@@ -341,6 +341,6 @@ def test_fit_writes_checkpoints_and_resumes_them(work):
     first = load_synthesizer(work / "checkpointed.synthmed").sample(5, seed=0)
     second = load_synthesizer(work / "resumed.synthmed").sample(5, seed=0)
     pd.testing.assert_frame_equal(first.events, second.events)
-    refused = synthmed(*common[:3], "cgan", *common[4:], "--out", work / "gan.synthmed")
+    refused = synthmed(*common[:3], "gaussian-copula", *common[4:], "--out", work / "gc.synthmed")
     assert refused.returncode == 2 and "checkpoints" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -293,6 +294,70 @@ def test_malformed_row_names_its_record(tmp_path):
     (folder / "4.txt").write_text("\n".join([HEADER, *descriptors(4), "00:30,HR,fast"]) + "\n")
     with pytest.raises(DataError, match="4.txt"):
         load_physionet2012(folder)
+
+
+def test_malformed_value_names_its_record_line_and_text(tmp_path):
+    folder = write_set(tmp_path)
+    (folder / "4.txt").write_text("\n".join([HEADER, *descriptors(4), "00:30,HR,fast"]) + "\n")
+    with pytest.raises(DataError, match=r"4\.txt', line 8: '00:30,HR,fast'.*not a number"):
+        load_physionet2012(folder)
+
+
+def test_quote_in_a_row_does_not_swallow_the_rows_of_other_records(tmp_path):
+    """Found by tests/test_loader_hypothesis.py: an unmatched quote made the CSV parser read on
+    across line and record boundaries, so rows were attributed to the wrong stays (or the load
+    crashed with an IndexError)."""
+    records = {
+        4: [*descriptors(4), '00:10,"HR,80', "00:20,HR,81"],
+        5: [*descriptors(5), "00:30,HR,90", 'H"R', "00:40,HR,91"],
+        6: [*descriptors(6), "00:50,HR,100"],
+    }
+    folder = write_set(tmp_path, records, outcomes=None)
+    with pytest.raises(DataError, match=r"5\.txt', line 9: 'H\"R' has a time that is not a number"):
+        load_physionet2012(folder)
+    (folder / "5.txt").write_text("\n".join([HEADER, *records[5][:-2], records[5][-1]]) + "\n")
+    cohort = load_physionet2012(folder)
+    hr = cohort.events.set_index(["RecordID", "time"])["HR"]
+    assert hr.to_dict() == {
+        (4, 20 / 60): 81.0,
+        (5, 0.5): 90.0,
+        (5, 40 / 60): 91.0,
+        (6, 50 / 60): 100.0,
+    }
+    assert cohort.metadata["cleaning"]["by_variable"]["unknown_parameter_rows"] == {'"HR': 1}
+
+
+@pytest.mark.parametrize("time", ["25:99", "-00:30", "-01:00", "1.5:00", "00:60", "inf:00", "7"])
+def test_invalid_time_names_its_record_line_and_text(tmp_path, time):
+    """Found by tests/test_loader_hypothesis.py: '-00:30' was read as 00:30, '25:99' as 26:39
+    and '1.5:00' as 01:30, silently."""
+    records = {4: [*descriptors(4), "00:10,HR,80", f"{time},HR,81"]}
+    folder = write_set(tmp_path, records, outcomes=None)
+    with pytest.raises(DataError, match=rf"4\.txt', line 9: '{re.escape(time)},HR,81'"):
+        load_physionet2012(folder)
+
+
+def test_byte_order_mark_and_crlf_line_ends_are_read(tmp_path):
+    plain = write_set(tmp_path / "plain", outcomes=None)
+    windows = write_set(tmp_path / "windows", outcomes=None)
+    for record in windows.iterdir():
+        text = record.read_text().replace("\n", "\r\n")
+        record.write_bytes("\ufeff".encode() + text.encode())
+    expected, got = load_physionet2012(plain), load_physionet2012(windows)
+    pd.testing.assert_frame_equal(got.static, expected.static)
+    pd.testing.assert_frame_equal(got.events, expected.events)
+
+
+def test_records_with_only_a_header_are_stays_without_rows(tmp_path):
+    """A set in which no record has a single row (an empty parse) still loads."""
+    folder = tmp_path / "set-e"
+    folder.mkdir()
+    for record_id in (1, 2):
+        (folder / f"{record_id}.txt").write_text(HEADER + "\n")
+    cohort = load_physionet2012(folder)
+    assert list(cohort.static.index) == [1, 2] and cohort.static.isna().all().all()
+    assert cohort.events.empty
+    assert cohort.metadata["cleaning"]["patients_without_events"] == 2
 
 
 def test_folder_without_records(tmp_path):

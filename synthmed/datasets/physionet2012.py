@@ -12,6 +12,7 @@ Reading is vectorised: every record is read into one byte buffer, parsed by a si
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime
 import io
@@ -39,6 +40,8 @@ ADMISSION_WEIGHT = "AdmissionWeight"
 SOURCE = "PhysioNet/CinC Challenge 2012"
 LICENSE = "ODC-By-1.0"
 MISSING_CODE = -1.0
+#: Times are ``HH:MM`` with ``0 <= HH < MAX_HOURS`` (a stay of the challenge lasts 48 hours).
+MAX_HOURS = 100_000
 _HEADER = b"Time,Parameter,Value"
 _RECORD_NAME = re.compile(r"^(\d+)\.txt$")
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -181,7 +184,8 @@ def load_physionet2012(
     logger:
 
     - ``-1`` means missing (descriptors, time series and outcomes; for Survival it means "no
-      recorded death"); rows with an empty parameter name are dropped.
+      recorded death"), and so do an empty value, ``nan`` and ``NaN``; rows with an empty
+      parameter name are dropped.
     - A value outside the variable's physiological bounds (see ``TIME_SERIES``, ``DESCRIPTORS``
       and ``OUTCOMES`` in this module; they are also the schema's bounds) is set to NaN.
     - Several measurements of one variable at the same timestamp of one stay are replaced by
@@ -195,8 +199,12 @@ def load_physionet2012(
         FileNotFoundError: ``path`` or ``outcomes`` does not exist.
         DataError: an unreadable archive or record, an archive member whose name leaves the
             archive (absolute or containing ``..``) or that is a link, a record without the
-            ``Time,Parameter,Value`` header, an unknown name in ``variables``, an invalid
-            ``resample``, or an outcomes file without the documented columns.
+            ``Time,Parameter,Value`` header (a UTF-8 byte-order mark and CRLF line ends are
+            fine), a row whose time is not ``HH:MM`` (``0 <= HH < MAX_HOURS``, ``MM`` 00 to 59)
+            or whose value is not a number, a row with more than three fields, an unknown name
+            in ``variables``, an invalid ``resample``, or an outcomes file without the
+            documented columns. Errors about a record name its file and, for a bad row, the
+            line number and text.
     """
     path = Path(path)
     panel = _check_panel(variables)
@@ -368,6 +376,8 @@ def _parse(records: list[tuple[int, str, bytes]]) -> tuple[pd.Index, _Table]:
 
     ``HH:MM`` becomes two columns by turning ``:`` into ``,`` (no parameter name or value holds a
     colon); the record of each row is known from the number of lines each record contributed.
+    Quotes are ordinary characters and only ``\\n`` ends a line, so one malformed row can never
+    spill into the rows of another record.
     """
     bodies, counts = zip(*(_body(name, content) for _, name, content in records), strict=True)
     buffer = b"".join(bodies).replace(b":", b",")
@@ -376,19 +386,38 @@ def _parse(records: list[tuple[int, str, bytes]]) -> tuple[pd.Index, _Table]:
     except (ValueError, pd.errors.ParserError) as exc:
         _raise_first_bad_record(records)
         raise DataError(f"cannot parse the records: {exc}") from None
+    if len(frame) != sum(counts):  # never expected; a guard against misattributed rows
+        _raise_first_bad_record(records)
+        raise DataError(f"cannot parse the records: {len(frame)} rows in {sum(counts)} lines")
     patient = np.repeat(np.arange(len(records)), counts)
+    line = np.concatenate([np.arange(count) for count in counts]) + 2  # 1-based, after header
     code, names = pd.factorize(frame["parameter"], use_na_sentinel=True)
     hours, minutes, value = (frame[c].to_numpy() for c in ("hours", "minutes", "value"))
     blank = (code == _EMPTY) & np.isnan(hours) & np.isnan(minutes) & np.isnan(value)
-    minutes = hours * 60 + minutes
-    bad = ~blank & (~np.isfinite(minutes) | (minutes < 0))
+    with np.errstate(invalid="ignore"):
+        valid = (
+            (hours >= 0)
+            & (hours < MAX_HOURS)
+            & (hours == np.floor(hours))
+            & (minutes >= 0)
+            & (minutes < 60)
+            & (minutes == np.floor(minutes))
+            & ~np.signbit(hours)  # "-00:30" parses as hours -0.0
+            & ~np.signbit(minutes)
+        )
+    bad = ~blank & ~valid
     if bad.any():
-        record = records[patient[np.flatnonzero(bad)[0]]][1]
-        raise DataError(f"record {record!r}: a row has no valid HH:MM time")
+        first = np.flatnonzero(bad)[0]
+        _, name, content = records[patient[first]]
+        text = _line(content, int(line[first]))
+        raise DataError(
+            f"record {name!r}, line {line[first]}: {text!r} has no valid HH:MM time "
+            f"(hours 0 to {MAX_HOURS - 1}, minutes 00 to 59)"
+        )
     keep = ~blank
     table = _Table(
         patient=patient[keep],
-        minutes=minutes[keep].astype(np.int64),
+        minutes=(hours[keep] * 60 + minutes[keep]).astype(np.int64),
         code=code[keep],
         value=value[keep],
         vocabulary=[*names, ADMISSION_WEIGHT],
@@ -396,8 +425,20 @@ def _parse(records: list[tuple[int, str, bytes]]) -> tuple[pd.Index, _Table]:
     return pd.Index([record[0] for record in records], name=ID_COLUMN), table
 
 
+def _normalise(content: bytes) -> bytes:
+    """Without a UTF-8 byte-order mark, with ``\\n`` line ends (CRLF files are common)."""
+    return content.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
+
+
+def _line(content: bytes, number: int) -> str:
+    """Line ``number`` (1-based) of a record, as text, for error messages."""
+    lines = _normalise(content).split(b"\n")
+    text = lines[number - 1] if 0 < number <= len(lines) else b""
+    return text[:80].decode("utf-8", errors="replace")
+
+
 def _body(name: str, content: bytes) -> tuple[bytes, int]:
-    header, _, body = content.partition(b"\n")
+    header, _, body = _normalise(content).partition(b"\n")
     if header.strip().replace(b" ", b"") != _HEADER:
         raise DataError(
             f"record {name!r} does not start with the header 'Time,Parameter,Value' "
@@ -408,29 +449,77 @@ def _body(name: str, content: bytes) -> tuple[bytes, int]:
     return body, body.count(b"\n")
 
 
+_COLUMNS = ["hours", "minutes", "parameter", "value"]
+#: Field texts read as "not measured" (besides the challenge's -1 for values).
+_NA_VALUES = ["", "nan", "NaN"]
+
+
 def _read_rows(buffer: bytes) -> pd.DataFrame:
     """Rows as ``hours, minutes, parameter, value``; blank lines stay as all-missing rows."""
+    if not buffer:  # only headers: no row at all (and float columns, as below)
+        return pd.DataFrame(
+            {c: pd.Series(dtype=object if c == "parameter" else np.float64) for c in _COLUMNS}
+        )
     return pd.read_csv(
         io.BytesIO(buffer),
         header=None,
-        names=["hours", "minutes", "parameter", "value"],
+        names=_COLUMNS,
         dtype={"hours": np.float64, "minutes": np.float64, "parameter": str, "value": np.float64},
         keep_default_na=False,
-        na_values=[""],
+        na_values={c: [""] if c == "parameter" else _NA_VALUES for c in _COLUMNS},
         skip_blank_lines=False,
+        quoting=csv.QUOTE_NONE,
+        lineterminator="\n",
         engine="c",
     )
 
 
 def _raise_first_bad_record(records: list[tuple[int, str, bytes]]) -> None:
-    """Re-parse record by record to name the one that broke the combined parse."""
+    """Re-parse record by record to name the one that broke the combined parse (and, when a
+    field is not a number, its line and text)."""
     for _, name, content in records:
+        body, count = _body(name, content)
         try:
-            _read_rows(_body(name, content)[0].replace(b":", b","))
+            rows = _read_rows(body.replace(b":", b","))
         except (ValueError, pd.errors.ParserError) as exc:
+            _raise_first_non_number(name, content, body)
             raise DataError(
                 f"record {name!r} is not a valid Time,Parameter,Value table: {exc}"
             ) from None
+        if len(rows) != count:
+            raise DataError(
+                f"record {name!r} is not a valid Time,Parameter,Value table: {len(rows)} rows "
+                f"were read from {count} lines"
+            )
+
+
+def _raise_first_non_number(name: str, content: bytes, body: bytes) -> None:
+    """Name the first line of a record whose time or value is not a number, if there is one."""
+    try:
+        text = pd.read_csv(
+            io.BytesIO(body.replace(b":", b",")),
+            header=None,
+            names=_COLUMNS,
+            dtype=str,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            quoting=csv.QUOTE_NONE,
+            lineterminator="\n",
+            engine="c",
+        )
+    except (ValueError, pd.errors.ParserError):
+        return
+    for column in ("hours", "minutes", "value"):
+        cells = text[column].fillna("")
+        numbers = pd.to_numeric(cells.where(~cells.isin(_NA_VALUES)), errors="coerce")
+        broken = np.flatnonzero(numbers.isna().to_numpy() & ~cells.isin(_NA_VALUES).to_numpy())
+        if len(broken):
+            line = int(broken[0]) + 2
+            what = "value" if column == "value" else "time"
+            raise DataError(
+                f"record {name!r}, line {line}: {_line(content, line)!r} has a {what} that is "
+                f"not a number ({cells.iloc[broken[0]]!r})"
+            )
 
 
 # -- cleaning --------------------------------------------------------------------------------------

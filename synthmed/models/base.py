@@ -254,12 +254,18 @@ class Synthesizer(abc.ABC):
         return self._checkpoint_dir is not None and (epoch + 1) % self._checkpoint_every == 0
 
     def _save_checkpoint(
-        self, epoch: int, state: dict[str, Any], generator: torch.Generator
+        self,
+        epoch: int,
+        state: dict[str, Any],
+        generator: torch.Generator,
+        generators: Mapping[str, torch.Generator] | None = None,
     ) -> None:
         """Atomically save the loop's ``state`` (state dicts, counters...) after ``epoch``.
 
-        The torch RNG, the data-order ``generator`` and the history are saved alongside, so that
-        a resumed run draws the same numbers as an uninterrupted one.
+        The torch RNG, the data-order ``generator``, the loop's own ``generators`` (by name: noise,
+        shuffling...) and the history are saved alongside, so that a resumed run draws the same
+        numbers as an uninterrupted one. Under DP the accountant's state is saved too, unless
+        ``state`` already carries it under ``"privacy"``.
         """
         assert self._checkpoint_dir is not None
         if not distributed.is_main_process():
@@ -271,18 +277,28 @@ class Synthesizer(abc.ABC):
             "state": state,
             "torch_rng": torch.get_rng_state(),
             "generator_rng": generator.get_state(),
+            "generators": {name: g.get_state() for name, g in (generators or {}).items()},
             "history": json.dumps(self.history_.to_dict(orient="list")),
         }
+        if self.epsilon is not None and "privacy" not in state:
+            from synthmed.models.privacy import checkpoint_state
+
+            payload["privacy"] = checkpoint_state(self)
         path = self._checkpoint_dir / "checkpoint.pt"
         temporary = path.with_name(".checkpoint.pt.tmp")
         torch.save(payload, temporary)
         temporary.replace(path)
 
-    def _load_checkpoint(self, generator: torch.Generator) -> tuple[int, dict[str, Any]] | None:
+    def _load_checkpoint(
+        self,
+        generator: torch.Generator,
+        generators: Mapping[str, torch.Generator] | None = None,
+    ) -> tuple[int, dict[str, Any]] | None:
         """``(next_epoch, state)`` from the checkpoint when resuming, else None.
 
-        Restores the torch RNG, ``generator`` and ``history_``. Refuses a checkpoint written for
-        other settings or other data.
+        Restores the torch RNG, ``generator``, the named ``generators`` saved with
+        ``_save_checkpoint``, ``history_`` and, under DP, the accountant (so call it after
+        ``_make_private``). Refuses a checkpoint written for other settings or other data.
         """
         if not self._resume:
             return None
@@ -299,9 +315,21 @@ class Synthesizer(abc.ABC):
                 f"checkpoint {str(path)!r} belongs to a run with other settings or data; "
                 "use another checkpoint_dir or resume=False"
             )
+        saved_generators = payload.get("generators", {})
+        missing = sorted(set(generators or {}) - set(saved_generators))
+        if missing:
+            raise ModelFileError(
+                f"checkpoint {str(path)!r} lacks the state of the random generator(s) {missing}"
+            )
         torch.set_rng_state(payload["torch_rng"])
         generator.set_state(payload["generator_rng"])
+        for name, other in (generators or {}).items():
+            other.set_state(saved_generators[name])
         self.history_ = pd.DataFrame(json.loads(payload["history"]))
+        if payload.get("privacy") is not None:
+            from synthmed.models.privacy import restore_checkpoint_state
+
+            restore_checkpoint_state(self, payload["privacy"])
         return payload["epoch"] + 1, payload["state"]
 
     def _make_private(

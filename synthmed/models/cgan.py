@@ -89,6 +89,8 @@ HISTORY_COLUMNS = (
     "wasserstein_patient",
     "seconds",
 )
+#: History columns that depend on no real patient outside the private critic (kept under DP).
+PUBLIC_HISTORY_COLUMNS = ("epoch", "generator_loss", "seconds")
 
 
 @dataclasses.dataclass
@@ -487,6 +489,11 @@ class CGANSynthesizer(Synthesizer):
     ``gradient_penalty``, ``wasserstein_static`` and ``wasserstein_patient`` (the critics'
     estimates of the Wasserstein distance, which should shrink and settle) and ``seconds``.
 
+    ``fit(cohort, checkpoint_dir=DIR)`` checkpoints the generators, both critics, both
+    optimizers, every random generator, the epoch and, under DP, the accountant;
+    ``fit(..., resume=True)`` continues a killed run to the weights (and spent epsilon) of an
+    uninterrupted one on CPU.
+
     Example:
         >>> synth = CGANSynthesizer(seed=0).fit(train)  # doctest: +SKIP
         >>> synth.sample(100, conditions={"In-hospital_death": 1})  # doctest: +SKIP
@@ -494,6 +501,7 @@ class CGANSynthesizer(Synthesizer):
     """
 
     model_type: ClassVar[str] = "cgan"
+    supports_checkpoints: ClassVar[bool] = True
     config_class: ClassVar[type] = CGANConfig
     # The gradient penalty and several critic passes per step trip DDP's hooks: average
     # gradients just before each optimizer step instead.
@@ -630,12 +638,15 @@ class CGANSynthesizer(Synthesizer):
         critic_optimizer = torch.optim.Adam(
             critic.parameters(), lr=config.critic_lr, betas=config.betas, foreach=True
         )
+        # Shuffles the patients (and, under DP, draws Opacus' Poisson batches).
+        order = torch.Generator().manual_seed(_draw_seed(generator))
         loader = torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(torch.arange(n_patients)),
             batch_size=min(self.batch_size, n_patients),
             shuffle=True,
-            generator=torch.Generator().manual_seed(_draw_seed(generator)),
+            generator=order,
         )
+        critics = critic  # the plain module: Opacus wraps it, its parameters stay the same
         static_critic = critic.static_critic
         # Extra static updates reuse each batch: not accounted for by DP-SGD, so off under DP.
         static_rounds = config.static_critic_steps > 0 and self.epsilon is None
@@ -643,8 +654,20 @@ class CGANSynthesizer(Synthesizer):
             critic, critic_optimizer, loader, self.epochs
         )
 
-        rows = []
-        bar = tqdm(range(1, self.epochs + 1), desc="CGAN", unit="epoch", disable=not self.verbose)
+        rows: list[dict[str, Any]] = []
+        first_epoch = 1
+        # After _make_private: restores RNGs, history and, under DP, the accountant.
+        resumed = self._load_checkpoint(generator, {"noise": noise, "order": order})
+        if resumed is not None:
+            first_epoch, saved = resumed[0] + 1, resumed[1]
+            self.generator_.load_state_dict(saved["generator"])
+            critics.load_state_dict(saved["critics"])
+            generator_optimizer.load_state_dict(saved["generator_optimizer"])
+            critic_optimizer.load_state_dict(saved["critic_optimizer"])
+            rows = self.history_.to_dict(orient="records")
+        bar = tqdm(
+            range(first_epoch, self.epochs + 1), desc="CGAN", unit="epoch", disable=not self.verbose
+        )
         for epoch in bar:
             started = time.perf_counter()
             totals = dict.fromkeys(HISTORY_COLUMNS[1:-1], 0.0)
@@ -693,6 +716,19 @@ class CGANSynthesizer(Synthesizer):
                 w_patient=f"{row['wasserstein_patient']:.3f}",
                 gp=f"{row['gradient_penalty']:.3f}",
             )
+            if self._checkpoint_due(epoch - 1):  # the base counts epochs from 0
+                history = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+                # Under DP the critics' losses on real patients stay out of checkpoints too.
+                self.history_ = (
+                    history if self.epsilon is None else history[list(PUBLIC_HISTORY_COLUMNS)]
+                )
+                state = {
+                    "generator": self.generator_.state_dict(),
+                    "critics": critics.state_dict(),
+                    "generator_optimizer": generator_optimizer.state_dict(),
+                    "critic_optimizer": critic_optimizer.state_dict(),
+                }
+                self._save_checkpoint(epoch - 1, state, generator, {"noise": noise, "order": order})
         from synthmed.models.privacy import record_spent, releasable_history
 
         record_spent(self)  # (epsilon, delta) into privacy_spent_; detaches Opacus (no-op w/o DP)
@@ -701,7 +737,7 @@ class CGANSynthesizer(Synthesizer):
         self.history_ = releasable_history(
             self,
             pd.DataFrame(rows, columns=list(HISTORY_COLUMNS)),
-            public=("epoch", "generator_loss", "seconds"),
+            public=PUBLIC_HISTORY_COLUMNS,
         )
         self.generator_.eval()
 

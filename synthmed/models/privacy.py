@@ -37,6 +37,8 @@ Two more helpers for models: :func:`plain_state_dict` (the state dict of a model
 ``DPLSTM``, loadable into its ``nn.LSTM`` twin for fast sampling) and, for training loops that
 checkpoint, :func:`checkpoint_state` / :func:`restore_checkpoint_state` (a resumed run must
 carry the accountant's history of the interrupted one, or it would under-report epsilon).
+``Synthesizer._save_checkpoint`` / ``_load_checkpoint`` call them for every private model, so a
+training loop only has to load its checkpoint after ``_make_private``.
 
 ``privacy_sweep`` trains a generator at several budgets and evaluates each, for the
 privacy-utility frontier (``synthmed privacy-sweep``, ``benchmarks/privacy_frontier.py``).
@@ -536,10 +538,11 @@ def releasable_history(
 def checkpoint_state(synth: Synthesizer) -> dict[str, Any] | None:
     """What a training checkpoint must keep of the privacy accounting (JSON-friendly).
 
-    A private model that checkpoints puts this in the state it passes to
-    ``_save_checkpoint`` and, on resume, hands it to :func:`restore_checkpoint_state` right
-    after ``_make_private``: otherwise the resumed run would account only for its own steps and
-    under-report epsilon. None without a private session.
+    ``Synthesizer._save_checkpoint`` saves it with every checkpoint of a private model (unless
+    the loop's state already holds it under ``"privacy"``) and ``_load_checkpoint`` hands it to
+    :func:`restore_checkpoint_state`, which must come after ``_make_private``: otherwise the
+    resumed run would account only for its own steps and under-report epsilon. None without a
+    private session.
     """
     session: PrivacySession | None = getattr(synth, _SESSION_ATTRIBUTE, None)
     if session is None or session.finished:
