@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--load", default=None, help="skip fitting: load this saved model")
     parser.add_argument("--table", default=None, help="append the markdown row to this file")
     parser.add_argument("--config", default=None, help="JSON dict of LSTMConfig fields")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the model's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     parser.add_argument("--verbose", action="store_true", help="show the training progress bar")
     args = parser.parse_args()
 
@@ -158,6 +160,10 @@ def main() -> None:
         settings = {"seed": args.seed, "verbose": args.verbose}
         if args.epochs is not None:
             settings["epochs"] = args.epochs
+        if args.learning_rate is not None:
+            settings["learning_rate"] = args.learning_rate
+        if args.batch_size is not None:
+            settings["batch_size"] = args.batch_size
         if args.config:
             settings["config"] = json.loads(args.config)
         synth = LSTMSynthesizer(**settings)

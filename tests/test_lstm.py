@@ -3,6 +3,7 @@ the likelihood heads it is built from. Tiny models on a simulated cohort keep th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -301,13 +302,35 @@ def test_minibatches_not_one_step_per_epoch(cohort: Cohort, monkeypatch) -> None
     original = torch.optim.Adam.step
 
     def counting_step(self, *args, **kwargs):
-        steps.append(1)
+        steps.append(self)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
-    tiny(epochs=1, batch_size=16).fit(cohort)
+    synth = tiny(epochs=1, batch_size=16).fit(cohort)
     n_train = cohort.n_patients - round(cohort.n_patients * 0.1)
-    assert len(steps) == math.ceil(n_train / 16)
+    # The static model trains first with its own optimizer; the sequence model's comes last.
+    sequence_optimizer = steps[-1]
+    assert sum(o is sequence_optimizer for o in steps) == math.ceil(n_train / 16)
+    static_fit = synth.facts_["static_fit"]
+    assert sum(o is not sequence_optimizer for o in steps) == static_fit["epochs"] * math.ceil(
+        n_train / 256
+    )
+
+
+def test_static_model_is_trained_to_calibration() -> None:
+    # Trained on its own schedule (not with the sequence model's one epoch here), the static
+    # model reproduces the share of missing values and the outcome rate.
+    simulated = simulate_cohort(400, seed=3)
+    static = simulated.static.copy()
+    static.loc[static.index[::3], "Age"] = np.nan
+    cohort = Cohort(static, simulated.events, simulated.schema)
+    config = dataclasses.replace(TINY, static_hidden=64, static_layers=2)
+    synth = tiny(epochs=1, config=config).fit(cohort)
+    synthetic = synth.sample(3000, seed=0).static
+    assert abs(synthetic["Age"].isna().mean() - 1 / 3) < 0.05
+    death = "In-hospital_death"
+    assert abs(synthetic[death].mean() - static[death].mean()) < 0.05
+    assert synth.facts_["static_fit"]["best_epoch"] >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -27,7 +27,11 @@ from synthmed.models.lstm_network import (
     StepFeatures,
     ValueCodec,
 )
-from synthmed.models.static_model import ConditionalStaticModel, columns_from_blocks
+from synthmed.models.static_model import (
+    ConditionalStaticModel,
+    columns_from_blocks,
+    fit_static_model,
+)
 from synthmed.models.transforms import StaticEncoder, ValueScaler
 
 #: Candidate resolutions (grid steps) of recorded values, tried from the coarsest.
@@ -326,14 +330,31 @@ class LSTMSynthesizer(Synthesizer):
                 data.tensors[6][train_rows].cpu(), min(self.batch_size, len(train_rows)), generator
             ),
         )
-        optimizer = torch.optim.Adam(network.parameters(), lr=self.learning_rate)
-        module, optimizer, loader = self._make_private(network, optimizer, loader, self.epochs)
         if device.type == "cpu":
             noise = generator
         else:
             noise = torch.Generator(device=device).manual_seed(
                 int(torch.randint(2**31 - 1, (1,), generator=generator))
             )
+        if not private:
+            # The static model shares no parameter with the sequence model: it gets its own,
+            # longer schedule first (see fit_static_model). Under DP both train together, so one
+            # accountant covers every use of the real patients.
+            static_rows = data.tensors[0]
+            static_fit = fit_static_model(
+                network.static_model,
+                static_rows[train_rows.to(device)],
+                static_rows[val_rows.to(device)],
+                noise,
+                data.static_dequantize,
+            )
+            network.static_model.requires_grad_(False)
+            if not math.isfinite(static_fit["validation_loss"]):
+                static_fit["validation_loss"] = None
+            self.facts_["static_fit"] = static_fit
+        trainable = [p for p in network.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=self.learning_rate)
+        module, optimizer, loader = self._make_private(network, optimizer, loader, self.epochs)
         # Halve the learning rate when the monitored loss stalls, before early stopping gives up
         # (not under DP: the schedule would depend on the patients' losses).
         scheduler = (
