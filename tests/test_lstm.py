@@ -444,6 +444,11 @@ def test_frequent_values_and_snapping() -> None:
     assert support == sorted(set(inches.tolist()))
     assert share == pytest.approx(len(inches) / (len(inches) + 1))
     assert frequent_values(np.random.default_rng(0).normal(size=500)) is None
+    # Heaped values: 60 % on round kilograms, the rest continuous, are snapped 60 % of the time.
+    rng = np.random.default_rng(0)
+    heaped = np.r_[np.repeat([60.0, 70.0, 80.0], 200), np.round(rng.uniform(50, 90, 400), 2)]
+    heaps, heaped_share = frequent_values(heaped)
+    assert heaps == [60.0, 70.0, 80.0] and heaped_share == pytest.approx(0.6, abs=0.01)
     snapped = snap(np.array([152.5, 170.0, 175.0, 240.0]), support)
     np.testing.assert_allclose(snapped[:3], [152.4, 170.2, 175.3])
     assert snapped[3] == 240.0  # far outside the frequent values: left alone

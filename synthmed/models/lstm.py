@@ -40,9 +40,11 @@ _RESOLUTIONS = tuple(m * 10.0**e for e in range(3, -5, -1) for m in (5, 2, 1))
 _ON_GRID = 0.995
 #: Frequent values (seen at least _MIN_COUNT times, together covering _COVERAGE of a variable's
 #: values; the most frequent of them up to _TARGET_SHARE, at most _MAX_SUPPORT) are where
-#: generated values are snapped.
+#: generated values are snapped, each with the probability of the share they cover. A coverage
+#: of one half also catches heaped values, such as weights recorded mostly in whole or round
+#: kilograms among others to 0.1 kg.
 _MIN_COUNT = 5
-_COVERAGE = 0.9
+_COVERAGE = 0.5
 _TARGET_SHARE = 0.95
 _MAX_SUPPORT = 2048
 _VALIDATION_SEED_OFFSET = 7919
