@@ -264,8 +264,7 @@ class Synthesizer(abc.ABC):
 
         The torch RNG, the data-order ``generator``, the loop's own ``generators`` (by name: noise,
         shuffling...) and the history are saved alongside, so that a resumed run draws the same
-        numbers as an uninterrupted one. Under DP the accountant's state is saved too, unless
-        ``state`` already carries it under ``"privacy"``.
+        numbers as an uninterrupted one. Under DP the accountant's state is saved too.
         """
         assert self._checkpoint_dir is not None
         if not distributed.is_main_process():
@@ -280,7 +279,7 @@ class Synthesizer(abc.ABC):
             "generators": {name: g.get_state() for name, g in (generators or {}).items()},
             "history": json.dumps(self.history_.to_dict(orient="list")),
         }
-        if self.epsilon is not None and "privacy" not in state:
+        if self.epsilon is not None:
             from synthmed.models.privacy import checkpoint_state
 
             payload["privacy"] = checkpoint_state(self)

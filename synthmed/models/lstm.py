@@ -381,22 +381,19 @@ class LSTMSynthesizer(Synthesizer):
         norm = data.facts["mean_length"] + 1.0
         best, best_state, best_epoch, bad, first_epoch = math.inf, None, 0, 0, 0
         history: list[dict[str, float]] = []
-        resumed = self._load_checkpoint(generator)
+        # The noise generator is the data-order one on CPU; on a GPU it is saved by name.
+        named = {} if noise is generator else {"noise": noise}
+        # After _make_private: restores the RNGs, history and, under DP, the accountant.
+        resumed = self._load_checkpoint(generator, named)
         if resumed is not None:
             first_epoch, saved = resumed
             network.load_state_dict(saved["network"])
             optimizer.load_state_dict(saved["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(saved["scheduler"])
-            if saved.get("noise_rng") is not None:
-                noise.set_state(saved["noise_rng"])
             best, best_epoch, bad = saved["best"], saved["best_epoch"], saved["bad"]
             best_state = saved.get("best_state")
             history = self.history_.to_dict(orient="records")
-            if private:
-                from synthmed.models.privacy import restore_checkpoint_state
-
-                restore_checkpoint_state(self, saved.get("privacy"))
         progress = tqdm(
             range(first_epoch, self.epochs), desc="LSTM", unit="epoch", disable=not self.verbose
         )
@@ -451,17 +448,12 @@ class LSTMSynthesizer(Synthesizer):
                     "network": network.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "noise_rng": noise.get_state() if noise is not generator else None,
                     "best": best,
                     "best_epoch": best_epoch,
                     "bad": bad,
                     "best_state": best_state,
                 }
-                if private:
-                    from synthmed.models.privacy import checkpoint_state
-
-                    checkpoint["privacy"] = checkpoint_state(self)
-                self._save_checkpoint(epoch, checkpoint, generator)
+                self._save_checkpoint(epoch, checkpoint, generator, named)
             if bad >= self.patience:
                 break
         if best_state is not None:
