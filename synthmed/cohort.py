@@ -482,10 +482,7 @@ def _validate_events(
     bad = ~np.isfinite(times) | (times < 0)
     if bad.any():
         i = np.flatnonzero(bad)[0]
-        raise DataError(
-            f"column {_show(time_column)}: patient {_show(patients[i])} has time {_show(times[i])}; times must "
-            "be finite and non-negative"
-        )
+        raise _bad_time(time_column, patients[i], times[i])
     columns = {id_column: events[id_column].to_numpy(), time_column: times}
     for name in schema.temporal_columns:
         columns[name] = _validate_column(events[name], schema, name, patients)
@@ -510,9 +507,7 @@ def _validate_column(
         infinite = np.isinf(numbers)
         if infinite.any():
             i = np.flatnonzero(infinite)[0]
-            raise DataError(
-                f"column {_show(name)}: patient {_show(patients[i])} has infinite value {_show(numbers[i])}"
-            )
+            raise _infinite_value(name, patients[i], numbers[i])
         for bound, outside in (
             (column.lower, numbers < (column.lower if column.lower is not None else -np.inf)),
             (column.upper, numbers > (column.upper if column.upper is not None else np.inf)),
@@ -542,6 +537,19 @@ def _validate_column(
     return values.to_numpy(dtype=object) if values.dtype == object else values.to_numpy()
 
 
+def _bad_time(time_column: str, patient: Any, time: float) -> DataError:
+    return DataError(
+        f"column {_show(time_column)}: patient {_show(patient)} has time {_show(time)}; times must "
+        "be finite and non-negative"
+    )
+
+
+def _infinite_value(name: str, patient: Any, value: float) -> DataError:
+    return DataError(
+        f"column {_show(name)}: patient {_show(patient)} has infinite value {_show(value)}"
+    )
+
+
 def _check_array_times(
     times: np.ndarray, inside: np.ndarray, ids: np.ndarray, time_column: str
 ) -> None:
@@ -549,10 +557,7 @@ def _check_array_times(
     bad = inside & (~np.isfinite(times) | (times < 0))
     if bad.any():
         i, t = np.argwhere(bad)[0]
-        raise DataError(
-            f"column {_show(time_column)}: patient {_show(ids[i])} has time {_show(times[i, t])}; "
-            "times must be finite and non-negative"
-        )
+        raise _bad_time(time_column, ids[i], times[i, t])
     decreasing = inside[:, 1:] & (np.diff(times, axis=1) < 0)
     if decreasing.any():
         i, t = np.argwhere(decreasing)[0]
@@ -570,10 +575,7 @@ def _array_column(
         infinite = np.isinf(values)
         if infinite.any():
             i = np.flatnonzero(infinite)[0]
-            raise DataError(
-                f"column {_show(column.name)}: patient {_show(ids[patient[i]])} has infinite value "
-                f"{_show(values[i])}"
-            )
+            raise _infinite_value(column.name, ids[patient[i]], values[i])
         # float32 model outputs can land a rounding error past a float64 bound.
         lower = -np.inf if column.lower is None else column.lower
         upper = np.inf if column.upper is None else column.upper
