@@ -48,15 +48,6 @@ def tiny(**settings) -> LSTMSynthesizer:
     return LSTMSynthesizer(**{**defaults, **settings})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models spend their time in thread hand-offs, not arithmetic: use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cohort() -> Cohort:
     """A simulated cohort in which ICU type 4 never occurs (the schema still allows it)."""

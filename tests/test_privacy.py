@@ -207,15 +207,6 @@ class TinyDPSynthesizer(Synthesizer):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train far faster on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
 def cached_calibration():
     """Memoise Opacus' noise calibration (a pure function, ~1 s a call) across these tests."""
     import opacus.privacy_engine
