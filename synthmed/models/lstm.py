@@ -360,8 +360,6 @@ class LSTMSynthesizer(Synthesizer):
                 data.static_dequantize,
             )
             network.static_model.requires_grad_(False)
-            if not math.isfinite(static_fit["validation_loss"]):
-                static_fit["validation_loss"] = None
             self.facts_["static_fit"] = static_fit
         trainable = [p for p in network.parameters() if p.requires_grad]
         learning_rate = self.learning_rate

@@ -309,7 +309,8 @@ def fit_static_model(
         dequantize: As in :meth:`ConditionalStaticModel.forward`.
 
     Returns:
-        ``{"epochs": run, "best_epoch": ..., "validation_loss": best}`` (loss per row).
+        ``{"epochs": run, "best_epoch": ..., "validation_loss": best}`` (loss per row; None
+        without validation rows).
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     device = train.device
@@ -339,4 +340,8 @@ def fit_static_model(
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return {"epochs": epoch, "best_epoch": best_epoch or epoch, "validation_loss": best}
+    return {
+        "epochs": epoch,
+        "best_epoch": best_epoch or epoch,
+        "validation_loss": best if best_state is not None else None,
+    }
