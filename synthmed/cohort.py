@@ -76,8 +76,7 @@ class Cohort:
         static = _validate_static(static, schema)
         events, n_empty = _validate_events(events, static.index, schema)
         if n_empty:
-            cleaning = metadata.setdefault("cleaning", {})
-            cleaning["empty_event_rows"] = cleaning.get("empty_event_rows", 0) + n_empty
+            _count_empty_rows(metadata, n_empty)
             logger.info("dropped %d event rows in which no variable was observed", n_empty)
         self._init_validated(static, events, schema, metadata)
 
@@ -191,8 +190,9 @@ class Cohort:
                 f"values {values.shape} for {len(variables)} temporal variables, "
                 f"lengths {lengths.shape}, mask {None if mask is None else np.shape(mask)}"
             )
-        if ((lengths < 0) | (lengths > max_length)).any():
-            i = int(np.flatnonzero((lengths < 0) | (lengths > max_length))[0])
+        outside = (lengths < 0) | (lengths > max_length)
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
             raise DataError(
                 f"patient {_show(static.index[i])} has length {lengths[i]} "
                 f"outside [0, {max_length}]"
@@ -224,8 +224,7 @@ class Cohort:
         events.insert(0, schema.id_column, ids[patient])
         metadata = copy.deepcopy(dict(metadata or {}))
         if n_empty:
-            cleaning = metadata.setdefault("cleaning", {})
-            cleaning["empty_event_rows"] = cleaning.get("empty_event_rows", 0) + n_empty
+            _count_empty_rows(metadata, n_empty)
         return cls._trusted(static, events, schema, metadata)
 
     # -- conversions -----------------------------------------------------------------------------
@@ -535,6 +534,12 @@ def _validate_column(
             f"the schema allows {list(column.categories)}"
         )
     return values.to_numpy(dtype=object) if values.dtype == object else values.to_numpy()
+
+
+def _count_empty_rows(metadata: dict[str, Any], n_empty: int) -> None:
+    """Count dropped event rows without any observed variable in ``metadata["cleaning"]``."""
+    cleaning = metadata.setdefault("cleaning", {})
+    cleaning["empty_event_rows"] = cleaning.get("empty_event_rows", 0) + n_empty
 
 
 def _bad_time(time_column: str, patient: Any, time: float) -> DataError:
