@@ -458,13 +458,11 @@ class LSTMSynthesizer(Synthesizer):
             network.load_state_dict(best_state)
         self.best_epoch_ = best_epoch if n_val else len(history)
         self.history_ = pd.DataFrame(history)
-        state = network.state_dict()
         if private:
-            from synthmed.models.privacy import plain_state_dict, record_spent
+            from synthmed.models.privacy import record_spent
 
             record_spent(self)
-            state = plain_state_dict(network)
-        self._install(state, device)
+        self._install(network.state_dict(), device)
 
     def _build_network(self, private: bool) -> _Network:
         config, facts = self.config_, self.facts_

@@ -187,21 +187,23 @@ class SequenceNetwork(nn.Module):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.gap_scale = gap_scale
+        self.private = private
         if private:
-            # Opacus computes per-patient gradients of its DPLSTM, not of nn.LSTM; the two share
-            # parameter names, so the weights load into nn.LSTM for sampling.
-            from opacus.layers import DPLSTM
+            # Opacus needs per-patient gradients; PrivateLSTM gives them in one pass and shares
+            # nn.LSTM's parameter names, so the weights load into nn.LSTM for sampling.
+            from synthmed.models.private_lstm import PrivateLSTM
 
-            lstm_class: type[nn.Module] = DPLSTM
+            self.lstm: nn.Module = PrivateLSTM(
+                self.input_size + static_size, hidden_size, num_layers, dropout
+            )
         else:
-            lstm_class = nn.LSTM
-        self.lstm = lstm_class(
-            self.input_size + static_size,
-            hidden_size,
-            num_layers=num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-        )
+            self.lstm = nn.LSTM(
+                self.input_size + static_size,
+                hidden_size,
+                num_layers=num_layers,
+                batch_first=True,
+                dropout=dropout if num_layers > 1 else 0.0,
+            )
         self.init = nn.Linear(static_size, 2 * num_layers * hidden_size)
         self.gap_head = ZeroInflatedLogNormalMixture(gap_components, gap_scale, min_scale)
         self.mask_head = NonEmptyBernoulliMixture(self.n_variables, mask_components)
@@ -228,9 +230,15 @@ class SequenceNetwork(nn.Module):
         """Keep the mask interactions strictly lower-triangular (call after each step)."""
         self.mask_interactions.weight.mul_(self._strictly_lower)
 
-    def initial_state(self, static: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def initial_state(
+        self, static: torch.Tensor, batch_first: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h0, c0)``, each ``[num_layers, B, H]`` as ``nn.LSTM`` takes them, or ``[B,
+        num_layers, H]`` with ``batch_first`` (as :class:`PrivateLSTM` takes them)."""
         state = torch.tanh(self.init(static))
         state = state.reshape(len(static), 2, self.num_layers, self.hidden_size)
+        if batch_first:
+            return state[:, 0], state[:, 1]
         return (
             state[:, 0].transpose(0, 1).contiguous(),
             state[:, 1].transpose(0, 1).contiguous(),
@@ -272,7 +280,10 @@ class SequenceNetwork(nn.Module):
         """
         batch, steps = gaps.shape
         x = torch.cat([inputs, static[:, None, :].expand(-1, steps + 1, -1)], dim=2)
-        out, _ = self.lstm(x, self.initial_state(static))
+        if self.private:
+            out = self.lstm(x, *self.initial_state(static, batch_first=True))
+        else:
+            out, _ = self.lstm(x, self.initial_state(static))
         head = self.out(out)
         stop_logit, gap_raw = head[..., 0], head[:, :steps, 1:]
         position = torch.arange(steps + 1, device=gaps.device)[None, :]
