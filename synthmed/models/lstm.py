@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from synthmed.models.static_model import (
     ConditionalStaticModel,
     columns_from_blocks,
     fit_static_model,
+    fit_static_model_privately,
 )
 from synthmed.models.transforms import StaticEncoder, ValueScaler
 
@@ -54,6 +56,8 @@ _PRIVATE_MAX_LENGTH = 256
 #: Adam's default learning rate, and the one under DP (see ``LSTMSynthesizer``'s docstring).
 _LEARNING_RATE = 3e-3
 _PRIVATE_LEARNING_RATE = 1e-3
+#: Share of epsilon (and delta) spent on the static model's own private training phase.
+_PRIVATE_STATIC_BUDGET = 0.2
 #: Gradient norm clipping of non-private training (DP clips per patient instead).
 _CLIP_NORM = 5.0
 
@@ -347,11 +351,18 @@ class LSTMSynthesizer(Synthesizer):
             noise = torch.Generator(device=device).manual_seed(
                 int(torch.randint(2**31 - 1, (1,), generator=generator))
             )
-        if not private:
-            # The static model shares no parameter with the sequence model: it gets its own,
-            # longer schedule first (see fit_static_model). Under DP both train together, so one
-            # accountant covers every use of the real patients.
-            static_rows = data.tensors[0]
+        # The static model shares no parameter with the sequence model: it gets its own, longer
+        # schedule first (see fit_static_model), under DP on its own share of the budget.
+        static_rows = data.tensors[0]
+        if private:
+            static_fit = fit_static_model_privately(
+                network.static_model,
+                static_rows[train_rows.to(device)],
+                noise,
+                functools.partial(self._make_private, budget_fraction=_PRIVATE_STATIC_BUDGET),
+                data.static_dequantize,
+            )
+        else:
             static_fit = fit_static_model(
                 network.static_model,
                 static_rows[train_rows.to(device)],
@@ -359,14 +370,16 @@ class LSTMSynthesizer(Synthesizer):
                 noise,
                 data.static_dequantize,
             )
-            network.static_model.requires_grad_(False)
-            self.facts_["static_fit"] = static_fit
+        network.static_model.requires_grad_(False)
+        self.facts_["static_fit"] = static_fit
         trainable = [p for p in network.parameters() if p.requires_grad]
         learning_rate = self.learning_rate
         if learning_rate is None:
             learning_rate = _PRIVATE_LEARNING_RATE if private else _LEARNING_RATE
         optimizer = torch.optim.Adam(trainable, lr=learning_rate)
-        module, optimizer, loader = self._make_private(network, optimizer, loader, self.epochs)
+        module, optimizer, loader = self._make_private(
+            network, optimizer, loader, self.epochs, budget_fraction=1 - _PRIVATE_STATIC_BUDGET
+        )
         # Halve the learning rate when the monitored loss stalls, before early stopping gives up
         # (not under DP: the schedule would depend on the patients' losses).
         scheduler = (

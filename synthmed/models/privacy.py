@@ -418,17 +418,39 @@ def make_private(
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         engine = PrivacyEngine(accountant=accountant)
         try:
-            private_module, private_optimizer, private_loader = engine.make_private_with_epsilon(
-                module=module,
-                optimizer=optimizer,
-                data_loader=data_loader,
-                target_epsilon=synth.epsilon * budget_fraction,
-                target_delta=delta * budget_fraction,
-                epochs=int(epochs),
-                max_grad_norm=synth.max_grad_norm,
-                poisson_sampling=True,
-                grad_sample_mode="hooks",
-            )
+            if session.phases:
+                # A later phase tops the run up to its cumulative share: its noise is calibrated
+                # on the composition with the earlier phases, which spends less than the sum of
+                # separately calibrated shares.
+                noise = _composed_noise_multiplier(
+                    session,
+                    target=synth.epsilon * (session.fraction_used + budget_fraction),
+                    sample_rate=1 / len(data_loader),
+                    steps=int(epochs) * len(data_loader),
+                )
+                private_module, private_optimizer, private_loader = engine.make_private(
+                    module=module,
+                    optimizer=optimizer,
+                    data_loader=data_loader,
+                    noise_multiplier=noise,
+                    max_grad_norm=synth.max_grad_norm,
+                    poisson_sampling=True,
+                    grad_sample_mode="hooks",
+                )
+            else:
+                private_module, private_optimizer, private_loader = (
+                    engine.make_private_with_epsilon(
+                        module=module,
+                        optimizer=optimizer,
+                        data_loader=data_loader,
+                        target_epsilon=synth.epsilon * budget_fraction,
+                        target_delta=delta * budget_fraction,
+                        epochs=int(epochs),
+                        max_grad_norm=synth.max_grad_norm,
+                        poisson_sampling=True,
+                        grad_sample_mode="hooks",
+                    )
+                )
         except ValueError as exc:
             raise _explain(exc, synth, data_loader, epochs) from None
 
@@ -472,6 +494,31 @@ def _explain(
             "DP one optimizer must train exactly the module(s) that see real data"
         )
     return PrivacyError(f"Opacus refused the private training setup: {text}")
+
+
+def _composed_noise_multiplier(
+    session: PrivacySession, target: float, sample_rate: float, steps: int
+) -> float:
+    """The smallest noise multiplier (within 1 %) for which the session's phases so far plus
+    ``steps`` more at ``sample_rate`` spend at most ``target`` epsilon at the session's delta."""
+    earlier = [entry for phase in session.phases for entry in phase.engine.accountant.history]
+
+    def spent(noise: float) -> float:
+        return spent_epsilon(
+            [*earlier, (noise, sample_rate, steps)], session.delta, session.accountant
+        )
+
+    if spent_epsilon(earlier, session.delta, session.accountant) >= target:
+        raise ValueError("the privacy budget is too low: earlier phases already spent it")
+    low, high = 0.1, 1.0
+    while spent(high) > target:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError("the privacy budget is too low for these settings")
+    while high / low > 1.01:
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if spent(middle) > target else (low, middle)
+    return high
 
 
 def record_spent(synth: Synthesizer) -> tuple[float, float] | None:

@@ -21,7 +21,7 @@ with ``StaticEncoder`` (``LSTMSynthesizer`` trains it by maximum likelihood with
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -345,3 +345,54 @@ def fit_static_model(
         "best_epoch": best_epoch or epoch,
         "validation_loss": best if best_state is not None else None,
     }
+
+
+#: ``Synthesizer._make_private`` bound to a budget share: (module, optimizer, loader, epochs).
+MakePrivate = Callable[
+    [nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, int],
+    tuple[nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader],
+]
+
+
+def fit_static_model_privately(
+    model: ConditionalStaticModel,
+    train: torch.Tensor,
+    generator: torch.Generator,
+    make_private: MakePrivate,
+    dequantize: torch.Tensor | None = None,
+    *,
+    epochs: int = 60,
+    batch_size: int = 256,
+    learning_rate: float = 2e-3,
+) -> dict[str, Any]:
+    """Train ``model`` by DP-SGD for exactly ``epochs``, through ``make_private``.
+
+    The private counterpart of :func:`fit_static_model`: one item per patient, Poisson batches,
+    no validation (a held-out loss would not be private). Trained jointly with a sequence model
+    under one per-patient clipping bound, the static terms get a small share of each clipped
+    gradient and the model stays badly calibrated (in PhysioNet 2012 at epsilon 10, Age was
+    generated missing for 47 % of patients, never in the data); its own phase gives it the
+    whole bound.
+
+    Returns:
+        ``{"epochs": epochs, "best_epoch": epochs, "validation_loss": None}``.
+    """
+    device = train.device
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.arange(len(train))),
+        batch_size=min(batch_size, len(train)),
+        shuffle=True,
+        generator=generator if device.type == "cpu" else None,
+    )
+    module, optimizer, loader = make_private(model, optimizer, loader, epochs)
+    module.train()
+    for _ in range(epochs):
+        for (rows,) in loader:
+            if len(rows) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            loss = module(train[rows.to(device)], generator, dequantize).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return {"epochs": epochs, "best_epoch": epochs, "validation_loss": None}
