@@ -361,18 +361,28 @@ def fit_static_model_privately(
     make_private: MakePrivate,
     dequantize: torch.Tensor | None = None,
     *,
-    epochs: int = 60,
-    batch_size: int = 256,
-    learning_rate: float = 2e-3,
+    epochs: int = 50,
+    batch_size: int = 1024,
+    learning_rate: float = 5e-3,
+    loss_scale: float = 0.02,
 ) -> dict[str, Any]:
     """Train ``model`` by DP-SGD for exactly ``epochs``, through ``make_private``.
 
-    The private counterpart of :func:`fit_static_model`: one item per patient, Poisson batches,
-    no validation (a held-out loss would not be private). Trained jointly with a sequence model
-    under one per-patient clipping bound, the static terms get a small share of each clipped
-    gradient and the model stays badly calibrated (in PhysioNet 2012 at epsilon 10, Age was
-    generated missing for 47 % of patients, never in the data); its own phase gives it the
-    whole bound.
+    The private counterpart of :func:`fit_static_model`: one item per patient, Poisson batches
+    (at least four per epoch), no validation (a held-out loss would not be private). Trained
+    jointly with a sequence model under one per-patient clipping bound, the static terms get a
+    small share of each clipped gradient and the model stays untrained (in PhysioNet 2012 at
+    epsilon 10, Age came out missing for 47 % of patients, never in the data); its own phase
+    gives it the whole bound.
+
+    The loss is multiplied by ``loss_scale`` (the same as clipping at ``max_grad_norm /
+    loss_scale``; the noise follows the clipping bound, so the guarantee is unchanged).
+    Per-patient gradient norms of this model are heavy-tailed (PhysioNet 2012: median 27,
+    99th percentile 840, from the importance weights of random column orders and the wide
+    declared ranges of outcomes such as Survival), and clipping them all to 1 biases the fit:
+    with no noise at all, it generated a Survival value for 2 % of patients (37 % in the data)
+    and hence in-hospital death for 0.7 % (14 %). At ``loss_scale`` 0.02 with large batches the
+    bias shrinks (at epsilon 2 for this phase: death 9 %).
 
     Returns:
         ``{"epochs": epochs, "best_epoch": epochs, "validation_loss": None}``.
@@ -381,7 +391,7 @@ def fit_static_model_privately(
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.arange(len(train))),
-        batch_size=min(batch_size, len(train)),
+        batch_size=max(1, min(batch_size, len(train) // 4)),
         shuffle=True,
         generator=generator if device.type == "cpu" else None,
     )
@@ -391,7 +401,7 @@ def fit_static_model_privately(
         for (rows,) in loader:
             if len(rows) == 0:  # Poisson sampling can draw an empty batch
                 continue
-            loss = module(train[rows.to(device)], generator, dequantize).mean()
+            loss = module(train[rows.to(device)], generator, dequantize).mean() * loss_scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
