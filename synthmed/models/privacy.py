@@ -10,7 +10,8 @@ is the identity; with it, the base calls :func:`make_private` here, which
 1. resolves ``delta`` (default ``1 / n_patients**1.1``, and always below ``1 / n_patients``),
 2. checks that the data loader has one item per training patient (one patient is one privacy
    unit, however many rows it has) and that every layer has per-sample gradients in Opacus
-   (:func:`check_module`; ``nn.LSTM`` must be ``opacus.layers.DPLSTM``, no BatchNorm, ...), so an
+   (:func:`check_module`; ``nn.LSTM`` must be :class:`~synthmed.models.private_lstm.PrivateLSTM`
+   or ``opacus.layers.DPLSTM``, no BatchNorm, ...), so an
    unsupported configuration fails before any training step,
 3. calls ``PrivacyEngine.make_private_with_epsilon``: per-patient gradients are clipped to
    ``max_grad_norm``, Gaussian noise is calibrated so that the planned ``epochs`` spend at most
@@ -27,8 +28,11 @@ model whose ``epsilon`` is set but which never trained through :func:`make_priva
 A model that must train two private parts separately (e.g. a static model and a sequence model
 with different schedules) calls :func:`make_private` once per part with ``budget_fraction``
 shares summing to at most 1; the phases' accountant histories are composed, so the reported
-epsilon is that of the whole run. Training both parts as one module with one optimizer (one
-engine, one joint per-patient clipping) is simpler and usually better.
+epsilon is that of the whole run. The first phase is calibrated alone to its share; each later
+phase's noise is calibrated on the composition with the earlier ones, to the cumulative share
+(composition spends less than the sum of separately calibrated shares). The LSTM does this:
+trained as one module under one clipping bound, its small static model got too small a share of
+each clipped gradient to learn.
 
 Under DP a model keeps only :func:`releasable_history` of its training history: per-epoch
 losses on real patients are not covered by the accountant.
@@ -150,7 +154,8 @@ def check_module(module: nn.Module) -> None:
             "this model configuration cannot be trained with differential privacy, Opacus has "
             "no per-patient gradients for: "
             + "; ".join(problems)
-            + " -- use opacus.layers.DPLSTM/DPGRU instead of nn.LSTM/nn.GRU, and GroupNorm or "
+            + " -- use synthmed.models.private_lstm.PrivateLSTM or opacus.layers.DPLSTM/DPGRU "
+            "instead of nn.LSTM/nn.GRU, and GroupNorm or "
             "LayerNorm instead of BatchNorm"
         )
 
