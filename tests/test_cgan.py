@@ -20,7 +20,7 @@ from synthmed.models.cgan import (
     _snap,
     _value_grid,
 )
-from synthmed.models.cgan_networks import Critic, summaries
+from synthmed.models.cgan_networks import STEP_PREFIX, Critic, Head, SequenceGenerator, summaries
 from synthmed.models.persistence import read_model_file, save_model_file
 
 TINY = CGANConfig(
@@ -418,3 +418,32 @@ def test_params_round_trip_and_repr(fitted):
     rebuilt = CGANSynthesizer(**{**params, "config": CGANConfig(**params["config"])})
     assert rebuilt.config == TINY
     assert "CGANSynthesizer(" in repr(fitted)
+
+
+def test_a_variable_not_charted_for_a_patient_is_never_observed():
+    torch.manual_seed(0)
+    n_variables = 3
+    network = SequenceGenerator(
+        static_width=2,
+        n_variables=n_variables,
+        value_heads=[Head("numeric", j) for j in range(n_variables)],
+        n_steps=12,
+        steps_per_cell=3,
+        noise_dim=4,
+        hidden=8,
+        layers=1,
+        max_log_gap=3.0,
+    )
+    charted_logits = slice(3 * n_variables + 2 + n_variables, None)
+    with torch.no_grad():
+        network.out.bias.view(3, -1)[:, 2 : 2 + n_variables] = 8.0  # observe whatever is charted
+        network.scale.weight[charted_logits] = 0.0
+        network.scale.bias[charted_logits] = torch.tensor([0.0, -30.0, 30.0])
+    steps = network(torch.zeros(400, 2), 0.1, torch.Generator().manual_seed(1), 0.5)
+    mask, alive = steps[..., STEP_PREFIX : STEP_PREFIX + n_variables], steps[..., 2]
+    charted = (mask.sum(1) > 0).float().mean(0)
+    assert charted[1] == 0 and charted[2] > 0.95
+    # Variable 0 is charted for about half of the patients, and then at almost every step.
+    assert 0.4 < charted[0] < 0.6
+    ever = mask[..., 0].sum(1) > 0
+    assert (mask[ever, :, 0].sum(1) / alive[ever].sum(1)).mean() > 0.95

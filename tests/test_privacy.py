@@ -592,6 +592,10 @@ def test_our_generators_train_privately_and_keep_nothing_else_from_the_data(coho
     assert delta == pytest.approx(N_PATIENTS**-1.1)
     assert set(model.history_.columns) <= PUBLIC_HISTORY  # no loss on real patients
     assert model.sample(5, seed=0).metadata["epsilon"] == epsilon
+    if name == "lstm":  # the static model trains first, on its own share of the budget
+        phases = privacy_details(model)["phases"]
+        assert [p["budget_fraction"] for p in phases] == pytest.approx([0.2, 0.8])
+        assert all(p["steps"] == p["epochs"] * round(1 / p["sample_rate"]) for p in phases)
     # Fitted on other patients (same schema and size), everything a model keeps besides its
     # weights (scalers, lengths, time scales, grids, categories) must be identical.
     other = _our_generator(name, epsilon=3.0).fit(simulate_cohort(N_PATIENTS, seed=1))

@@ -979,7 +979,7 @@ class CGANSynthesizer(Synthesizer):
     def _sample_steps(self, static: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Steps for a batch, state carried forward, stopping once every sequence has ended."""
         layout, sequence = self.layout_, self.generator_.sequence
-        patient_noise, carry = sequence.start(static, generator)
+        patient_noise, carry = sequence.start(static, generator, self.config.temperature)
         chunks, cells_per_chunk = [], max(1, 40 // sequence.steps_per_cell)
         for first in range(0, sequence.n_cells, cells_per_chunk):
             steps, carry = sequence.cells(

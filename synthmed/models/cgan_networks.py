@@ -214,7 +214,11 @@ class PatientScale:
     once per patient. Steps after ``window`` are cut, which lets stays end where the
     observation window ends. ``pace`` shifts the patient's gap outputs and ``propensity`` each
     variable's observation logits: how often a patient is charted, and which variables are
-    (an arterial line or not), vary between patients more than within one.
+    (an arterial line or not), vary between patients more than within one. ``charted`` is a
+    0/1 flag per variable (straight-through): a variable not charted for a patient is never
+    observed. Continuous propensities alone cannot make "all or nothing": in PhysioNet 2012,
+    28 % of patients have RespRate, at 90 % of their steps; without the flag the generator gave
+    it to 34 % of patients at 58 % of their steps.
     """
 
     centre: torch.Tensor
@@ -224,6 +228,7 @@ class PatientScale:
     window: torch.Tensor
     pace: torch.Tensor
     propensity: torch.Tensor
+    charted: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -299,7 +304,7 @@ class SequenceGenerator(nn.Module):
             persistent=False,
         )
         self.initial = nn.Linear(static_width + noise_dim, 2 * layers * hidden)
-        self.scale = nn.Linear(static_width + noise_dim, 3 * self.value_width + 2 + n_variables)
+        self.scale = nn.Linear(static_width + noise_dim, 3 * self.value_width + 2 + 2 * n_variables)
         lags = torch.arange(steps_per_cell)
         self.register_buffer("lags", (lags[:, None] - lags[None, :]).float(), persistent=False)
         with torch.no_grad():
@@ -307,6 +312,7 @@ class SequenceGenerator(nn.Module):
             self.scale.bias.zero_()
             self.scale.bias[self.value_width : 2 * self.value_width] = 1.0  # half-range ~1.3 std
             self.scale.bias[3 * self.value_width] = 4.0  # window ~ 98% of the longest time
+            self.scale.bias[3 * self.value_width + 2 + n_variables :] = 3.0  # all charted at first
         inputs = static_width + 2 * noise_dim + 1 + feedback
         self.lstm = nn.ModuleList(
             [nn.LSTMCell(inputs if i == 0 else hidden, hidden) for i in range(layers)]
@@ -316,7 +322,9 @@ class SequenceGenerator(nn.Module):
         with torch.no_grad():
             self.out.bias.view(steps_per_cell, self.step_outputs)[:, 1] = -7.0
 
-    def start(self, static: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Carry]:
+    def start(
+        self, static: torch.Tensor, generator: torch.Generator, temperature: float
+    ) -> tuple[torch.Tensor, Carry]:
         """Per-patient noise and the initial carry."""
         n = static.shape[0]
         patient_noise = torch.randn(n, self.noise_dim, generator=generator, device=static.device)
@@ -324,7 +332,7 @@ class SequenceGenerator(nn.Module):
         initial = torch.tanh(self.initial(inputs))
         h, c = initial.view(n, 2, self.layers, self.hidden).permute(1, 2, 0, 3).contiguous()
         scale = self.scale(inputs)
-        w = self.value_width
+        w, v = self.value_width, self.n_variables
         persistence = torch.sigmoid(scale[:, 2 * w : 3 * w]) * 0.98
         a = persistence[:, None, None, :]
         lags = self.lags[None, :, :, None]
@@ -335,7 +343,8 @@ class SequenceGenerator(nn.Module):
             carried=a[:, 0] ** (self.lags[:, :1] + 1),
             window=torch.sigmoid(scale[:, 3 * w]),
             pace=scale[:, 3 * w + 1],
-            propensity=scale[:, 3 * w + 2 :],
+            propensity=scale[:, 3 * w + 2 : 3 * w + 2 + v],
+            charted=st_bernoulli(scale[:, 3 * w + 2 + v :], generator, temperature),
         )
         carry = Carry(
             (h, c),
@@ -418,7 +427,7 @@ class SequenceGenerator(nn.Module):
         inside = hard + soft - soft.detach() if soft.requires_grad else hard
         alive = carry.alive[:, None] * torch.cumprod(1 - out[..., 1], dim=1) * inside
         log_gap = gap * alive
-        mask = out[..., 2 : 2 + v] * alive[..., None]
+        mask = out[..., 2 : 2 + v] * alive[..., None] * patient.charted[:, None, :]
         column_mask = mask[..., self.value_variable]
         values = out[..., 2 + v :] * column_mask
         steps = torch.cat(
@@ -446,7 +455,7 @@ class SequenceGenerator(nn.Module):
         temperature: float,
     ) -> torch.Tensor:
         """All ``n_steps`` steps (training)."""
-        patient_noise, carry = self.start(static, generator)
+        patient_noise, carry = self.start(static, generator, temperature)
         steps, _ = self.cells(
             static, patient_noise, carry, 0, self.n_cells, time_scale, generator, temperature
         )
