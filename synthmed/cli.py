@@ -143,6 +143,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: Help of ``--max-time`` (the LSTM's observation window).
+MAX_TIME_HELP = (
+    "end of the observation window in the data's time unit, e.g. 48 for PhysioNet 2012's first "
+    "48 hours (LSTM only; default: the latest time in the data, and none under DP, where the "
+    "data may not be read: give the window when it is public)"
+)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -341,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-patient gradient clipping bound under DP",
     )
     settings.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
+    settings.add_argument(
+        "--max-time",
+        type=_positive_float,
+        metavar="T",
+        help=MAX_TIME_HELP,
+    )
     fit.add_argument(
         "--holdout",
         type=_fraction,
@@ -550,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         sweep.add_argument("--out", required=True, metavar="DIR", help="output folder")
         sweep.add_argument("--holdout", type=_fraction, default=0.3, metavar="FRACTION")
         sweep.add_argument("--epochs", type=_positive_int, metavar="N")
+        sweep.add_argument("--max-time", type=_positive_float, metavar="T", help=MAX_TIME_HELP)
         sweep.add_argument("--seed", type=int, default=0, metavar="S")
         sweep.add_argument("--fast", action="store_true", help="skip the recurrent discriminator")
         _add_data_options(sweep)
@@ -768,7 +783,16 @@ def _make_model(name: str, settings: dict[str, Any], verbose: bool) -> Synthesiz
 def _fit(args: argparse.Namespace) -> int:
     settings = {
         key: getattr(args, key)
-        for key in ("epochs", "batch_size", "seed", "epsilon", "delta", "max_grad_norm", "device")
+        for key in (
+            "epochs",
+            "batch_size",
+            "seed",
+            "epsilon",
+            "delta",
+            "max_grad_norm",
+            "device",
+            "max_time",
+        )
         if getattr(args, key) is not None
     }
     verbose = not args.quiet and _is_main_process()
@@ -1081,7 +1105,11 @@ def _privacy_sweep(args: argparse.Namespace) -> int:
 
     cohort = load_cohort(args.data, **_data_kwargs(args))
     train, holdout = cohort.split(test_size=args.holdout, seed=args.seed)
-    settings = {"epochs": args.epochs} if args.epochs is not None else {}
+    settings = {
+        key: getattr(args, key) for key in ("epochs", "max_time") if getattr(args, key) is not None
+    }
+    if "max_time" in settings and args.model != "lstm":
+        raise UsageError(f"--max-time does not apply to the {args.model} model")
     out = Path(args.out)
     frame = privacy_sweep(
         train,

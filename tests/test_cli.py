@@ -177,11 +177,13 @@ def write_physionet_set(root: Path, n: int = 14) -> Path:
 def test_fit_detects_the_physionet_layout(tmp_path):
     folder = write_physionet_set(tmp_path)
     result = ok(synthmed("fit", folder, "--model", "lstm", "--out", tmp_path / "m.synthmed",
-                         "--epochs", "1", "--variables", "HR", "MAP"))  # fmt: skip
+                         "--epochs", "1", "--variables", "HR", "MAP",
+                         "--max-time", "48"))  # fmt: skip
     assert "14 patients" in result.stderr
     from synthmed import load_synthesizer
 
     model = load_synthesizer(tmp_path / "m.synthmed")
+    assert model.max_time == 48 and model.max_time_ == 48
     assert model.schema_.temporal_columns == ["HR", "MAP"]
     assert "In-hospital_death" in model.schema_.outcome_columns
     parent = synthmed("fit", tmp_path, "--model", "lstm", "--out", tmp_path / "x.synthmed")
@@ -317,6 +319,11 @@ def test_benchmark_needs_the_physionet_folder(tmp_path):
             "cohort.csv",
         ),  # fmt: skip
         (("privacy-sweep", "{w}/absent.csv", "--out", "{w}/ps"), "no data at"),
+        (
+            ("fit", "{w}/cohort.csv", "--model", "cgan", "--out", "{w}/c", "--max-time", "48"),
+            "--max-time does not apply to the cgan model",
+        ),
+        (("fit", "{w}/cohort.csv", "--model", "lstm", "--out", "{w}/c", "--max-time", "0"), "0"),
         ((), "required"),
     ],
 )
