@@ -218,3 +218,40 @@ def test_model_whose_tensor_shapes_disagree_with_its_config_is_refused(tmp_path)
     save_model_file(path, model_type, config, tensors)
     with pytest.raises(ModelFileError):
         load_synthesizer(path)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_private_lstm_resumes_to_the_same_weights_and_epsilon(tmp_path, monkeypatch):
+    """Under DP the LSTM trains in two private phases (static model, then sequences): a resumed
+    run must restore both phases' accounting and the static model's weights."""
+    cohort = simulate_cohort(60, seed=3)
+    settings = {**SETTINGS, "epochs": 4, "epsilon": 8.0}
+    save = LSTMSynthesizer._save_checkpoint
+
+    def save_then_stop(self, epoch, *args, **kwargs):
+        save(self, epoch, *args, **kwargs)
+        if epoch == 1:
+            raise _Interrupted
+
+    monkeypatch.setattr(LSTMSynthesizer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(_Interrupted):
+        LSTMSynthesizer(**settings).fit(cohort, checkpoint_dir=tmp_path)
+    saved_epochs = []
+
+    def save_and_count(self, epoch, *args, **kwargs):
+        saved_epochs.append(epoch)
+        save(self, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(LSTMSynthesizer, "_save_checkpoint", save_and_count)
+    resumed = LSTMSynthesizer(**settings).fit(cohort, checkpoint_dir=tmp_path, resume=True)
+    assert saved_epochs == [2, 3], "it did not resume after the interrupted epoch"
+    monkeypatch.setattr(LSTMSynthesizer, "_save_checkpoint", save)
+    uninterrupted = LSTMSynthesizer(**settings).fit(cohort)
+
+    _assert_same_weights(resumed, uninterrupted)
+    assert resumed.privacy_spent == uninterrupted.privacy_spent
+    phases = [privacy_details(m)["phases"] for m in (resumed, uninterrupted)]
+    assert phases[0] == phases[1] and len(phases[0]) == 2
