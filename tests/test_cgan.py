@@ -422,9 +422,9 @@ def test_params_round_trip_and_repr(fitted):
 
 def test_a_variable_not_charted_for_a_patient_is_never_observed():
     torch.manual_seed(0)
-    n_variables = 3
+    n_variables, static_width = 4, 2
     network = SequenceGenerator(
-        static_width=2,
+        static_width=static_width,
         n_variables=n_variables,
         value_heads=[Head("numeric", j) for j in range(n_variables)],
         n_steps=12,
@@ -438,12 +438,16 @@ def test_a_variable_not_charted_for_a_patient_is_never_observed():
     with torch.no_grad():
         network.out.bias.view(3, -1)[:, 2 : 2 + n_variables] = 8.0  # observe whatever is charted
         network.scale.weight[charted_logits] = 0.0
-        network.scale.bias[charted_logits] = torch.tensor([0.0, -30.0, 30.0])
+        network.scale.bias[charted_logits] = torch.tensor([0.0, -30.0, 30.0, 0.0])
+        # Variables 0 and 3 are charted when the first patient-noise dimension is positive.
+        network.scale.weight[charted_logits][[0, 3], static_width] = 5.0
     steps = network(torch.zeros(400, 2), 0.1, torch.Generator().manual_seed(1), 0.5)
     mask, alive = steps[..., STEP_PREFIX : STEP_PREFIX + n_variables], steps[..., 2]
-    charted = (mask.sum(1) > 0).float().mean(0)
+    ever = mask.sum(1) > 0
+    charted = ever.float().mean(0)
     assert charted[1] == 0 and charted[2] > 0.95
-    # Variable 0 is charted for about half of the patients, and then at almost every step.
     assert 0.4 < charted[0] < 0.6
-    ever = mask[..., 0].sum(1) > 0
-    assert (mask[ever, :, 0].sum(1) / alive[ever].sum(1)).mean() > 0.95
+    # Flags drawn from shared latents keep their dependence: 0 and 3 come together.
+    assert torch.equal(ever[:, 0], ever[:, 3])
+    # A charted variable is observed at (almost) every step of the stay.
+    assert (mask[ever[:, 0], :, 0].sum(1) / alive[ever[:, 0]].sum(1)).mean() > 0.95
