@@ -172,7 +172,9 @@ class LSTMSynthesizer(Synthesizer):
     gap, so the window, not a per-step hazard, explains why stays end there. Training maximises
     this exact likelihood with teacher forcing on minibatches of patients of similar length and
     stops early on a validation split of patients; sampling runs whole batches of patients in
-    parallel, carrying the LSTM state forward.
+    parallel, carrying the LSTM state forward. With ``epsilon`` the static model trains first,
+    on 20 % of the budget, then the sequence model (a
+    :class:`~synthmed.models.private_lstm.PrivateLSTM`) on the rest.
 
     Generated times and values land where recorded ones lie (see ``quantize``), inside the
     schema's bounds; no sequence is longer than ``max_length_``.
@@ -195,7 +197,8 @@ class LSTMSynthesizer(Synthesizer):
         max_time: End of the observation window, in the cohort's time unit (e.g. 48 for the
             first 48 hours of a stay): later steps are dropped from training (counted in
             ``n_truncated_``) and sequences end when their next step would fall after it.
-            None: the latest time seen in training (under DP: no window).
+            None: the latest time seen in training (under DP: no window, so give it when it
+            is public; without it the private model learns poorly where stays end).
         quantize: Put generated times and values where recorded ones lie: on the time grid
             and value resolution found in training (minutes, whole beats per minute, 0.1 °C),
             and, for variables recorded on a small set of values (e.g. heights converted from

@@ -15,7 +15,8 @@ rows in the same layout, so ``encoder.inverse(model.sample(...))`` gives a stati
 columns use a Gaussian mixture plus a "missing" Bernoulli, categorical columns a softmax over
 their categories (and "missing"). It is reusable by any generator that encodes static attributes
 with ``StaticEncoder`` (``LSTMSynthesizer`` trains it by maximum likelihood with
-:func:`fit_static_model` before its sequence model, or jointly with it under DP).
+:func:`fit_static_model` before its sequence model; under DP with
+:func:`fit_static_model_privately`, on a share of the privacy budget).
 """
 
 from __future__ import annotations
