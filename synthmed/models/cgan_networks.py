@@ -62,12 +62,9 @@ def st_bernoulli(
     logits: torch.Tensor, generator: torch.Generator, temperature: float
 ) -> torch.Tensor:
     """A hard 0/1 sample of ``Bernoulli(sigmoid(logits))`` with a straight-through gradient."""
-    noisy = logits + logistic_noise(logits.shape, generator, logits.device)
-    hard = (noisy > 0).to(logits.dtype)
-    if not logits.requires_grad:
-        return hard
-    soft = torch.sigmoid(noisy / temperature)
-    return hard + soft - soft.detach()
+    return st_threshold(
+        logits + logistic_noise(logits.shape, generator, logits.device), temperature
+    )
 
 
 def st_threshold(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -94,14 +94,13 @@ class PrivateLSTM(nn.Module):
     def forward(self, input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> torch.Tensor:
         tracing = self.training and torch.is_grad_enabled()
         trace = _Trace(layers=[])
-        x = input
+        x, hidden = input, self.hidden_size
         for layer in range(self.num_layers):
             if layer > 0:
                 x = F.dropout(x, self.dropout, self.training)
             weight_ih, weight_hh, bias_ih, bias_hh = self.layer_parameters(layer)
             projected = F.linear(x, weight_ih, bias_ih + bias_hh)
             h, c = h0[:, layer], c0[:, layer]
-            hidden = self.hidden_size
             outputs = []
             for step in range(x.shape[1]):
                 gates = torch.addmm(projected[:, step], h, weight_hh.t())
