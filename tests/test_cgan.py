@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from synthmed import Cohort, ColumnSchema, Schema, load_synthesizer
+from synthmed import Cohort, Schema, load_synthesizer
 from synthmed.datasets import simulate_cohort
 from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError
 from synthmed.models.cgan import (
@@ -17,8 +17,6 @@ from synthmed.models.cgan import (
     CGANConfig,
     CGANSynthesizer,
     _merge_equal_times,
-    _snap,
-    _value_grid,
 )
 from synthmed.models.cgan_networks import STEP_PREFIX, Critic, Head, SequenceGenerator, summaries
 from synthmed.models.persistence import read_model_file, save_model_file
@@ -104,6 +102,24 @@ def ragged() -> Cohort:
     )
 
 
+@pytest.fixture(scope="module")
+def hourly() -> Cohort:
+    """Heart rates like hourly means: whole beats 88 %, halves 10 %, thirds 2 % (too rare to
+    count as frequent values), inside bounds that lie off every grid."""
+    simulated = simulate_cohort(80, seed=0)
+    events = simulated.events.copy()
+    rng = np.random.default_rng(0)
+    kind = rng.choice(3, size=len(events), p=[0.88, 0.10, 0.02])
+    events["HR"] = np.round(80 + (events["HR"] - 80) / 3) + np.array([0.0, 0.5, 1 / 3])[kind]
+    schema = simulated.schema.with_column("HR", lower=60.2, upper=110.2)
+    return Cohort(simulated.static, events, schema, simulated.metadata)
+
+
+@pytest.fixture(scope="module")
+def hourly_model(hourly) -> CGANSynthesizer:
+    return tiny(epochs=3).fit(hourly)
+
+
 # -- fit and sample --------------------------------------------------------------------------------
 
 
@@ -151,27 +167,54 @@ def test_times_keep_the_training_resolution_without_duplicates(fitted, synthetic
     assert not synthetic.events.duplicated([synthetic.id_column, "time"]).any()
 
 
-def test_values_are_recorded_like_the_training_data(fitted, synthetic):
-    assert fitted.layout_.grids["HR"] == {"decimals": 0}
-    assert fitted.layout_.grids["Temp"] == {"decimals": 1}
-    hr = synthetic.events["HR"].dropna().to_numpy()
-    np.testing.assert_array_equal(hr, np.round(hr))
-    temp = synthetic.events["Temp"].dropna().to_numpy() * 10
-    np.testing.assert_allclose(temp, np.round(temp), atol=1e-6)
+def test_value_grids_are_learnt_from_the_recorded_values(fitted, hourly_model):
+    grids = fitted.layout_.grids
+    assert grids["HR"]["resolution"] == 1.0 and grids["Age"]["resolution"] == 1.0
+    assert grids["Temp"]["resolution"] == pytest.approx(0.1)
+    hr = hourly_model.layout_.grids["HR"]
+    assert hr["resolution"] == 0.0, "thirds lie on no decimal grid"
+    support, weights = np.array(hr["support"]), np.array(hr["weights"])
+    assert set(support % 1) == {0.0, 0.5}, "thirds are too rare to be frequent values"
+    assert hr["share"] == pytest.approx(0.95, abs=0.02)
+    assert weights[support % 1 == 0.5].sum() == pytest.approx(0.10 / 0.98, abs=0.03)
 
 
-def test_value_grids_and_snapping():
-    rng = np.random.default_rng(0)
-    assert _value_grid(rng.normal(size=500)) == {}
-    assert _value_grid(np.round(rng.normal(80, 10, 500))) == {"decimals": 0}
-    inches = np.round(rng.integers(60, 75, 500) * 2.54, 1)
-    grid = _value_grid(inches)
-    assert grid["decimals"] == 1 and set(grid["support"]) == set(np.unique(inches))
-    column = ColumnSchema("x", "numeric", "temporal", lower=0.21, upper=1.0)
-    snapped = _snap(np.array([0.22, 0.57, np.nan]), {"decimals": 1}, column)
-    np.testing.assert_allclose(snapped, [0.22, 0.6, np.nan])  # 0.2 would cross the bound
-    tall = _snap(np.array([178.0, 260.0]), grid, ColumnSchema("h", "numeric", "static"))
-    assert tall[0] in grid["support"] and tall[1] == 260.0  # beyond the support: rounded only
+def test_sampled_values_lie_where_recorded_values_lie(hourly_model):
+    out = hourly_model.sample(300, seed=0)
+    grid = hourly_model.layout_.grids["HR"]
+    hr = out.events["HR"].dropna().to_numpy(dtype=np.float64)
+    assert hr.min() >= 60.2 and hr.max() <= 110.2
+    # Snapped with the share of training values on the support, the rest left as generated.
+    assert np.isin(hr, grid["support"]).mean() == pytest.approx(grid["share"], abs=0.03)
+    temp = out.events["Temp"].dropna().to_numpy(dtype=np.float64) * 10
+    np.testing.assert_allclose(temp, np.round(temp), atol=1e-4)
+    age = out.static["Age"].to_numpy(dtype=np.float64)
+    np.testing.assert_array_equal(age, np.round(age))
+
+
+def test_snapping_follows_how_often_each_value_was_recorded(hourly_model):
+    """Smoothly spread values land on whole beats and halves in the training shares, not on
+    the nearest value (halves would take half of them)."""
+    draws = np.random.default_rng(0).uniform(74, 85, 20_000)  # inside the support
+    layout, grid = hourly_model.layout_, hourly_model.layout_.grids["HR"]
+    placed = layout.to_grid("HR", draws, torch.Generator().manual_seed(0))
+    on_support = np.isin(placed, grid["support"])
+    assert on_support.mean() == pytest.approx(grid["share"], abs=0.01)
+    assert np.mean(placed[on_support] % 1 == 0.5) == pytest.approx(0.10, abs=0.03)
+    np.testing.assert_array_equal(placed[~on_support], draws[~on_support])
+
+
+def test_values_are_never_moved_outside_the_bounds(hourly_model):
+    grids = {
+        "HR": {"resolution": 0.0, "support": [60.0, 61.0], "share": 1.0, "weights": [0.5, 0.5]},
+        "Temp": {"resolution": 1.0},
+    }
+    layout = dataclasses.replace(hourly_model.layout_, grids=grids)
+    noise = torch.Generator().manual_seed(0)
+    hr = layout.to_grid("HR", np.array([60.3, 60.9, np.nan]), noise)
+    np.testing.assert_array_equal(hr, [60.2, 61.0, np.nan])  # 60.0 would cross the bound
+    temp = layout.to_grid("Temp", np.array([20.0, 44.8, 37.3]), noise)
+    np.testing.assert_array_equal(temp, [20.0, 45.0, 37.0])
 
 
 def test_steps_sharing_a_time_are_merged():
@@ -340,6 +383,14 @@ def test_corrupted_or_mismatched_files_raise_model_file_error(fitted, tmp_path):
         load_synthesizer(tmp_path / "missing.synthmed")
 
 
+def test_model_file_with_old_value_grids_is_refused(fitted, tmp_path):
+    model_type, config, tensors = read_model_file(fitted.save(tmp_path / "cgan.synthmed"))
+    config["state"]["layout"]["grids"]["HR"] = {"decimals": 0}
+    save_model_file(tmp_path / "old.synthmed", model_type, config, tensors)
+    with pytest.raises(ModelFileError, match="older format"):
+        load_synthesizer(tmp_path / "old.synthmed")
+
+
 def test_sample_to_streams_a_dataset(fitted, tmp_path):
     folder = fitted.sample_to(tmp_path / "out", 25, chunk_size=10, seed=4)
     back = Cohort.read_parquet(folder)
@@ -374,6 +425,10 @@ def test_private_training_spends_at_most_the_budget_and_records_it(cohort):
     assert 0 < epsilon <= 3.0 + 1e-6
     assert delta < 1 / cohort.n_patients
     assert model.sample(4).metadata["epsilon"] == epsilon
+    # No value grid is read from the data: only the schema's integer flag counts.
+    numeric = [n for n in cohort.schema.columns if cohort.schema[n].kind == "numeric"]
+    expected = {n: {"resolution": 1.0 if cohort.schema[n].integer else 0.0} for n in numeric}
+    assert model.layout_.grids == expected
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -20,15 +20,10 @@ from synthmed.models.heads import (
     ProductMixture,
     ZeroInflatedLogNormalMixture,
 )
-from synthmed.models.lstm import (
-    LSTMConfig,
-    LSTMSynthesizer,
-    detect_resolution,
-    frequent_values,
-    snap,
-)
+from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
 from synthmed.models.lstm_network import SequenceSampler, StepFeatures, ValueCodec, gap_features
 from synthmed.models.persistence import load_synthesizer
+from synthmed.models.value_grid import detect_resolution, frequent_values, snap
 from synthmed.schema import Schema
 
 TINY = LSTMConfig(
@@ -431,18 +426,65 @@ def test_detect_resolution() -> None:
 
 def test_frequent_values_and_snapping() -> None:
     inches = np.repeat(np.round(np.arange(60, 76) * 2.54, 1), 20)
-    support, share = frequent_values(np.r_[inches, 171.3])  # one rare value is left out
+    support, share, weights = frequent_values(np.r_[inches, 171.3])  # one rare value left out
     assert support == sorted(set(inches.tolist()))
     assert share == pytest.approx(len(inches) / (len(inches) + 1))
+    np.testing.assert_allclose(weights, np.full(len(support), 1 / len(support)))
     assert frequent_values(np.random.default_rng(0).normal(size=500)) is None
     # Heaped values: 60 % on round kilograms, the rest continuous, are snapped 60 % of the time.
     rng = np.random.default_rng(0)
     heaped = np.r_[np.repeat([60.0, 70.0, 80.0], 200), np.round(rng.uniform(50, 90, 400), 2)]
-    heaps, heaped_share = frequent_values(heaped)
+    heaps, heaped_share, _ = frequent_values(heaped)
     assert heaps == [60.0, 70.0, 80.0] and heaped_share == pytest.approx(0.6, abs=0.01)
     snapped = snap(np.array([152.5, 170.0, 175.0, 240.0]), support)
     np.testing.assert_allclose(snapped[:3], [152.4, 170.2, 175.3])
     assert snapped[3] == 240.0  # far outside the frequent values: left alone
+
+
+def test_window_end_feature_sharpens_towards_the_end_of_the_window() -> None:
+    """The stop head must tell hour 47 of a 48-hour window from hour 46: the time since
+    admission alone differs by 1/48 there. The last input is exp(-time left / gap scale)."""
+    args = {"gap_scale": 1.0, "time_scale": 48.0, "length_scale": 64.0}
+    features = StepFeatures(3, 1, [], device=torch.device("cpu"), max_time=48.0, **args)
+    features.update(
+        torch.tensor([46.0, 47.0, 48.0]),
+        torch.ones(3, 1, dtype=torch.bool),
+        torch.zeros(3, 1),
+        torch.zeros((3, 0), dtype=torch.int64),
+    )
+    np.testing.assert_allclose(features.inputs()[:, -1], np.exp([-2.0, -1.0, 0.0]), rtol=1e-6)
+    assert features.inputs().shape[1] == StepFeatures.size(1, [])
+    without = StepFeatures(3, 1, [], device=torch.device("cpu"), **args)
+    assert (without.inputs()[:, -1] == 0).all()
+
+
+def test_snapping_cells_follow_the_support_weights() -> None:
+    """Hourly means of a heart rate: whole beats 94 % of the time, halves 6 %. A smooth draw
+    must land on them in those shares, not one half each (which told synthetic patients from
+    real ones on the hourly grid)."""
+    _, _, weights = frequent_values(np.repeat([1.0, 2.0, 3.0], [300, 100, 100]))
+    np.testing.assert_allclose(weights, [0.6, 0.2, 0.2])
+    whole, halves = np.arange(60.0, 121.0), np.arange(60.5, 120.0)
+    support = np.sort(np.r_[whole, halves]).tolist()
+    weights = [0.94 / len(whole) if v % 1 == 0 else 0.06 / len(halves) for v in support]
+    draws = np.random.default_rng(0).uniform(70, 110, 20_000)
+    codec = ValueCodec(
+        [False],
+        [0],
+        [1],
+        [0],
+        [300],
+        [0.0],
+        [support],
+        torch.device("cpu"),
+        support_weights=[weights],
+    )
+    coded = codec.from_z(torch.tensor(draws[:, None], dtype=torch.float32))[:, 0].numpy()
+    for snapped in (snap(draws, support, weights=weights), coded.astype(np.float64)):
+        assert np.isin(snapped, support).all()
+        assert np.mean(snapped % 1 == 0.5) == pytest.approx(0.06, abs=0.01)
+    # Without weights: the nearest value, so halves take half of the draws.
+    assert np.mean(snap(draws, support) % 1 == 0.5) == pytest.approx(0.5, abs=0.02)
 
 
 def test_codec_snaps_like_its_numpy_twin() -> None:
@@ -534,7 +576,12 @@ def test_sampler_sees_what_training_sees(synth: LSTMSynthesizer) -> None:
         expected = {
             "gap": net.out(out[0])[:, 1:],
             "mask": net.mask_net(hidden),
-            "value": net.value_net(torch.cat([hidden, mask[0, :steps].float()], dim=1)),
+            "value": net.value_net(
+                torch.cat(
+                    [hidden, mask[0, :steps].float(), torch.cat(inputs)[:, : 2 * net.n_numeric]],
+                    dim=1,
+                )
+            ),
         }
     expected["anchor"] = torch.cat(inputs)[:, : net.n_numeric]  # last observed values
     for name in expected:

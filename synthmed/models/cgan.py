@@ -15,8 +15,12 @@ lack, added here (details in :mod:`synthmed.models.cgan_networks`):
   observations sample, so consecutive observations are as close as in real records) and the
   end of the observation window (steps past it are cut: stays end where the window ends);
 - values and gaps go through soft bounds in the encoded space and hard clipping at decoding,
-  so every value honours the schema's bounds (no negative blood pressure); integer columns are
-  rounded; steps in which nothing was observed are dropped.
+  so every value honours the schema's bounds (no negative blood pressure); steps in which
+  nothing was observed are dropped;
+- numeric values are recorded like the training data's (:mod:`synthmed.models.value_grid`):
+  rounded to its resolution (whole beats, 0.1 degree; whole numbers for integer columns) and,
+  where it has frequent values (hourly means that are whole beats or halves), snapped to them as
+  often as real values lay on them, each in proportion to how often it was seen.
 
 Objective: WGAN-GP (Gulrajani et al., 2017) with two critics, one on the static vector (and
 which of its columns were given) and one on the whole patient: the static vector,
@@ -43,7 +47,8 @@ from the critics' outputs on generated data and are covered by post-processing. 
 gradient penalty is taken between pairs of generated patients with the per-sample hooks off (no
 real data, so its gradient is added after per-patient clipping and noise at no privacy cost), the
 extra static critic updates (which would reuse a batch) are off, and the layout (encoder, scaler,
-gap scale, number of steps) comes from the schema's bounds and ``config.max_steps``, not the data.
+gap scale, number of steps) comes from the schema's bounds and ``config.max_steps``, not the data,
+and values are rounded only where the schema marks a column ``integer``.
 Losses on real patients are dropped from ``history_`` (``privacy.releasable_history``).
 """
 
@@ -61,7 +66,7 @@ from tqdm.auto import tqdm
 
 from synthmed.cohort import Cohort
 from synthmed.encoding import category_codes, decode_codes
-from synthmed.errors import DataError
+from synthmed.errors import DataError, ModelFileError
 from synthmed.models.base import GeneratedBatch, Synthesizer
 from synthmed.models.cgan_networks import (
     STEP_PREFIX,
@@ -73,12 +78,8 @@ from synthmed.models.cgan_networks import (
     summaries,
 )
 from synthmed.models.transforms import StaticEncoder, ValueScaler
+from synthmed.models.value_grid import detect_resolution, frequent_values, snap
 from synthmed.schema import ColumnSchema, Schema
-
-#: See :func:`_value_grid`.
-GRID_MAX_VALUES = 100
-GRID_MIN_COUNT = 5
-GRID_COVER = 0.95
 
 HISTORY_COLUMNS = (
     "epoch",
@@ -197,6 +198,7 @@ class _Layout:
     gap_scale: float
     time_max: float
     time_resolution: float | None = None
+    #: Per numeric column, where its recorded values lie (see :func:`_fit_grid`).
     grids: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -320,9 +322,6 @@ class _Layout:
             part = raw[..., head.start : head.start + head.width]
             codes[..., j] = part[..., 0] if head.kind == "numeric" else part.argmax(-1)
         values = self.scaler.inverse(codes)
-        for j, name in enumerate(self.variables):
-            if name in self.grids:
-                values[..., j] = _snap(values[..., j], self.grids[name], self.schema[name])
         values[~mask] = np.nan
         keep = mask.any(-1)
         # Move kept steps to the front of each row, in order (a stable sort on "not kept").
@@ -359,65 +358,55 @@ class _Layout:
             float(data["gap_scale"]),
             float(data["time_max"]),
             data.get("time_resolution"),
-            data.get("grids", {}),
+            _saved_grids(data.get("grids", {})),
         )
 
-
-def _value_grid(values: np.ndarray) -> dict[str, Any]:
-    """How a numeric column's values are recorded, so generated values can be recorded alike.
-
-    ``{"decimals": d}`` when ``GRID_COVER`` of the values have at most ``d <= 4`` decimals (a
-    heart rate in whole beats, a temperature to 0.1 degree). ``"support"`` is added when the
-    values seen at least ``GRID_MIN_COUNT`` times (no rare, identifying value) are at most
-    ``GRID_MAX_VALUES``, cover ``GRID_COVER`` of the observations and lie at least three lattice
-    units apart (a height charted in whole inches, stored in centimetres).
-    """
-    if len(values) == 0:
-        return {}
-    decimals = None
-    for d in range(5):
-        scaled = values * 10**d
-        # Relative tolerance: temporal values come as float32 (37.2 is 37.2000007...).
-        if (
-            np.mean(np.abs(scaled - np.round(scaled)) < 1e-5 * np.maximum(np.abs(scaled), 1))
-            >= GRID_COVER
-        ):
-            decimals = d
-            break
-    if decimals is not None:
-        values = np.round(values, decimals)
-    distinct, counts = np.unique(values, return_counts=True)
-    frequent = distinct[counts >= GRID_MIN_COUNT]
-    covered = counts[counts >= GRID_MIN_COUNT].sum() >= GRID_COVER * len(values)
-    if 1 < len(frequent) <= GRID_MAX_VALUES and covered:
-        unit = 10.0 ** -(4 if decimals is None else decimals)
-        if np.median(np.diff(frequent)) >= 3 * unit:
-            grid = {"support": frequent.tolist()}
-            return grid if decimals is None else {**grid, "decimals": decimals}
-    return {} if decimals is None else {"decimals": decimals}
+    def to_grid(self, name: str, values: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """Generated ``values`` of numeric column ``name`` recorded like the training data's:
+        rounded to its resolution, then snapped to its frequent values with the share of
+        training values that lay on them (one draw of ``generator`` per finite value), then
+        clipped to the column's bounds. NaN stays NaN."""
+        grid, column = self.grids.get(name), self.schema[name]
+        if grid is None:
+            return values
+        finite = np.isfinite(values)
+        # Only the observed entries (about half of a padded grid) are worked on.
+        x = values[finite]
+        step = grid["resolution"]
+        if step > 0:
+            x = np.round(x / step) * step
+        if "support" in grid:
+            u = torch.rand(x.shape, generator=generator, device=generator.device)
+            snapped = snap(x, grid["support"], weights=grid["weights"])
+            x = np.where(u.cpu().numpy() < grid["share"], snapped, x)
+        out = np.array(values, dtype=np.float64)
+        out[finite] = np.clip(x, _bound(column.lower, -np.inf), _bound(column.upper, np.inf))
+        return out
 
 
-def _snap(values: np.ndarray, grid: dict[str, Any], column: ColumnSchema) -> np.ndarray:
-    """``values`` moved onto their column's grid (see :func:`_value_grid`) where that stays
-    inside the column's bounds; NaN stays NaN."""
-    if not grid:
-        return values
-    rounded = np.round(values, grid["decimals"]) if "decimals" in grid else values
-    if "support" in grid:
-        support = np.asarray(grid["support"], dtype=np.float64)
-        right = np.clip(np.searchsorted(support, values), 1, len(support) - 1)
-        left = right - 1
-        nearer_left = np.abs(values - support[left]) <= np.abs(support[right] - values)
-        snapped = np.where(nearer_left, support[left], support[right])
-        # Beyond the support (rare tails) values are only rounded.
-        far = np.abs(snapped - values) > np.diff(support).max() / 2
-        snapped = np.where(far, rounded, snapped)
-    else:
-        snapped = rounded
-    lower = -np.inf if column.lower is None else column.lower
-    upper = np.inf if column.upper is None else column.upper
-    inside = (snapped >= lower) & (snapped <= upper)
-    return np.where(np.isnan(values), np.nan, np.where(inside, snapped, values))
+def _fit_grid(observed: np.ndarray | None, column: ColumnSchema) -> dict[str, Any]:
+    """Where a numeric column's recorded values lie: ``{"resolution": step}`` (0.0 for none;
+    at least 1 for ``integer`` columns) and, when the column has frequent values, their
+    ``support``, the ``share`` of values on it and each one's ``weights`` (see
+    :func:`~synthmed.models.value_grid.frequent_values`). With ``observed`` None (under DP)
+    nothing is learnt from data: only the schema's ``integer`` flag counts."""
+    step = 0.0 if observed is None else detect_resolution(observed)
+    grid: dict[str, Any] = {"resolution": max(step, 1.0) if column.integer else step}
+    found = None if observed is None else frequent_values(observed)
+    if found is not None:
+        grid["support"], grid["share"], grid["weights"] = found
+    return grid
+
+
+def _saved_grids(grids: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The grids of a model file, refused when written before they recorded a resolution."""
+    for name, grid in grids.items():
+        if "resolution" not in grid:
+            raise ModelFileError(
+                f"the model file records the value grid of {name!r} in an older format "
+                f"({sorted(grid)}) that this synthmed no longer reads; refit the CGAN"
+            )
+    return grids
 
 
 def _time_resolution(times: np.ndarray) -> float | None:
@@ -571,11 +560,12 @@ class CGANSynthesizer(Synthesizer):
         from_bounds = self.epsilon is not None
         encoder = StaticEncoder().fit(cohort.static, cohort.schema, from_bounds=from_bounds)
         scaler = ValueScaler().fit(arrays.values, cohort.schema, from_bounds=from_bounds)
+        grids = self._fit_grids(cohort, learn=not from_bounds)
         if from_bounds:
             # Under DP nothing is read from the data outside the private critic: max_steps
             # steps, gaps in the cohort's time unit, a horizon of max_steps units, no time grid.
             n_steps = self.config.max_steps
-            return _Layout(encoder, scaler, n_steps, 1.0, float(n_steps), None)
+            return _Layout(encoder, scaler, n_steps, 1.0, float(n_steps), None, grids)
         inside = arrays.step_mask
         gaps = arrays.gaps[inside]
         positive = gaps[gaps > 0]
@@ -583,20 +573,6 @@ class CGANSynthesizer(Synthesizer):
         time_max = float(arrays.times[inside].max()) if inside.any() else 0.0
         n_steps = max(1, min(int(arrays.lengths.max(initial=0)), self.config.max_steps))
         time_max = max(time_max, gap_scale)
-        grids = {}
-        if not from_bounds:  # grids are read from the data: not under DP
-            for name in cohort.schema.columns:
-                column = cohort.schema[name]
-                if column.kind != "numeric" or column.integer:
-                    continue
-                if column.is_static:
-                    observed = cohort.static[name].to_numpy(dtype=np.float64)
-                else:
-                    j = arrays.variables.index(name)
-                    observed = arrays.values[..., j][arrays.mask[..., j]].astype(np.float64)
-                grid = _value_grid(observed[np.isfinite(observed)])
-                if grid:
-                    grids[name] = grid
         return _Layout(
             encoder,
             scaler,
@@ -606,6 +582,23 @@ class CGANSynthesizer(Synthesizer):
             _time_resolution(arrays.times[inside]),
             grids,
         )
+
+    @staticmethod
+    def _fit_grids(cohort: Cohort, learn: bool) -> dict[str, dict[str, Any]]:
+        """:func:`_fit_grid` of every numeric column; from the data only with ``learn``."""
+        arrays, grids = cohort.arrays, {}
+        for name in cohort.schema.columns:
+            column = cohort.schema[name]
+            if column.kind != "numeric":
+                continue
+            observed = None
+            if learn and column.is_static:
+                observed = cohort.static[name].to_numpy(dtype=np.float64)
+            elif learn:
+                j = arrays.variables.index(name)
+                observed = arrays.values[..., j][arrays.mask[..., j]].astype(np.float64)
+            grids[name] = _fit_grid(observed, column)
+        return grids
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -962,10 +955,10 @@ class CGANSynthesizer(Synthesizer):
             statics.append(static.cpu().numpy())
             sequences.append(layout.decode_steps(self._sample_steps(static, generator)))
         static = layout.encoder.inverse(np.concatenate(statics))
-        for name, grid in layout.grids.items():
-            if name in static.columns:
-                column = schema[name]
-                static[name] = _snap(static[name].to_numpy(dtype=np.float64), grid, column)
+        for name in names:
+            if schema[name].kind == "numeric":
+                drawn = static[name].to_numpy(dtype=np.float64)
+                static[name] = layout.to_grid(name, drawn, generator)
         for name in names:
             given = conditions[name].notna().to_numpy()
             if given.any():
@@ -974,6 +967,9 @@ class CGANSynthesizer(Synthesizer):
         times = np.concatenate([_pad(t, width, 0.0) for t, _, _ in sequences])
         values = np.concatenate([_pad(v, width, np.nan) for _, v, _ in sequences])
         lengths = np.concatenate([n for _, _, n in sequences])
+        for j, name in enumerate(layout.variables):
+            if schema[name].kind == "numeric":
+                values[..., j] = layout.to_grid(name, values[..., j], generator)
         return GeneratedBatch(static, times, values, lengths)
 
     def _sample_steps(self, static: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

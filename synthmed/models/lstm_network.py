@@ -29,6 +29,7 @@ from synthmed.models.heads import (
     ProductMixture,
     ZeroInflatedLogNormalMixture,
 )
+from synthmed.models.value_grid import cell_boundaries
 
 #: Largest lookup table of a variable's snapping grid.
 _LOOKUP_SIZE = 8192
@@ -44,7 +45,9 @@ class StepFeatures:
     whether it was ever observed, the share of steps so far that observed it, whether it was
     observed at the previous step, and the
     (log-scaled) time since its last observation. Per patient: the time since admission (linear
-    and log-scaled), the previous gap, the number of steps so far and a first-step flag. Both
+    and log-scaled), the previous gap, the number of steps so far, a first-step flag and, with an
+    observation window (``max_time``), ``exp(-time left / gap_scale)``, which is sharp where the
+    window's end decides whether a stay goes on (on an hourly grid, hour 47 against hour 46). Both
     training (teacher forcing, all patients at once) and sampling use this one class, so the
     inputs the model sees when generating are built exactly as in training.
     """
@@ -58,8 +61,10 @@ class StepFeatures:
         time_scale: float,
         length_scale: float,
         device: torch.device,
+        max_time: float | None = None,
     ) -> None:
         self.n_numeric = n_numeric
+        self.max_time = max_time
         self.category_sizes = list(category_sizes)
         self.offsets = np.concatenate([[0], np.cumsum(self.category_sizes)]).astype(int)
         n_vars = n_numeric + len(self.category_sizes)
@@ -81,12 +86,16 @@ class StepFeatures:
     @staticmethod
     def size(n_numeric: int, category_sizes: Sequence[int]) -> int:
         """Width of the input vector."""
-        return 2 * n_numeric + sum(category_sizes) + 4 * (n_numeric + len(category_sizes)) + 5
+        return 2 * n_numeric + sum(category_sizes) + 4 * (n_numeric + len(category_sizes)) + 6
 
     def inputs(self) -> torch.Tensor:
         since = self.ever * torch.log1p((self.time[:, None] - self.last_time) / self.gap_scale)
         count_num = self.count[:, : self.n_numeric]
         mean_num = self.sum_num / count_num.clamp(min=1)
+        if self.max_time is None:
+            window_end = torch.zeros_like(self.time)
+        else:
+            window_end = torch.exp(-(self.max_time - self.time).clamp(min=0) / self.gap_scale)
         return torch.cat(
             [
                 self.locf_num,
@@ -101,6 +110,7 @@ class StepFeatures:
                 torch.log1p(self.prev_gap / self.gap_scale)[:, None],
                 (torch.log1p(self.step) / self.log_length_scale)[:, None],
                 (self.step == 0).to(self.time.dtype)[:, None],
+                window_end[:, None],
             ],
             dim=1,
         )
@@ -221,8 +231,13 @@ class SequenceNetwork(nn.Module):
         )
         self.out = nn.Linear(hidden_size, 1 + self.gap_head.n_params)
         self.mask_net = _mlp(hidden_size + 2, head_hidden, self.mask_head.n_params)
+        # The value head also reads each numeric variable's last and mean observed value
+        # directly: through the LSTM alone it learnt only half of the pull of vital signs back
+        # towards the patient's level, and generated series drifted.
         self.value_net = _mlp(
-            hidden_size + 2 + self.n_variables, head_hidden, self.value_head.n_params
+            hidden_size + 2 + self.n_variables + 2 * n_numeric,
+            head_hidden,
+            self.value_head.n_params,
         )
 
     @torch.no_grad()
@@ -305,7 +320,8 @@ class SequenceNetwork(nn.Module):
             -self.mask_head.log_prob(self.mask_net(hidden), mask_f, self.mask_interactions(mask_f))
             * inside
         )
-        value_raw = self.value_net(torch.cat([hidden, mask_f], dim=2))
+        levels = inputs[:, :steps, : 2 * self.n_numeric]
+        value_raw = self.value_net(torch.cat([hidden, mask_f, levels], dim=2))
         # Numeric means are anchored on the last observed value (its z, 0 if never observed):
         # vital signs mostly move little between steps (see ProductMixture).
         anchor = inputs[:, :steps, : self.n_numeric]
@@ -337,6 +353,9 @@ class ValueCodec:
             is snapped only within the support's range widened by its median spacing, so the
             tails stay continuous.
         support_share: Per variable, the share of training values that lay on the support.
+        support_weights: Per variable, how often each support value was seen (None: equally):
+            each value's snapping cell is widened in proportion (see
+            :func:`~synthmed.models.value_grid.cell_boundaries`).
     """
 
     def __init__(
@@ -350,6 +369,7 @@ class ValueCodec:
         support: Sequence[Sequence[float] | None],
         device: torch.device,
         support_share: Sequence[float] | None = None,
+        support_weights: Sequence[Sequence[float] | None] | None = None,
     ) -> None:
         def tensor(values, dtype=torch.float32):
             return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
@@ -380,10 +400,8 @@ class ValueCodec:
                 step = max((high[j] - low[j]) / _LOOKUP_SIZE, 1e-9)
             spacing[j] = step
             grid = low[j] + step * np.arange(int(np.ceil((high[j] - low[j]) / step)) + 1)
-            right = np.clip(np.searchsorted(table, grid), 0, len(table) - 1)
-            left = np.clip(right - 1, 0, len(table) - 1)
-            closer = np.abs(grid - table[left]) <= np.abs(table[right] - grid)
-            tables.append(np.where(closer, table[left], table[right]))
+            weights = support_weights[j] if support_weights is not None else None
+            tables.append(table[np.searchsorted(cell_boundaries(table, weights), grid)])
         width = max([len(t) for t in tables if t is not None] + [1])
         lookup = np.zeros((n_vars, width))
         for j, table in enumerate(tables):
@@ -487,7 +505,11 @@ class SequenceSampler:
         self.fused_b = fused_b.detach()
         self.mask_gap_t = mask_first.weight[:, hidden : hidden + 2].detach().t().contiguous()
         self.value_gap_t = value_first.weight[:, hidden : hidden + 2].detach().t().contiguous()
-        self.value_mask_t = value_first.weight[:, hidden + 2 :].detach().t().contiguous()
+        levels_start = hidden + 2 + network.n_variables
+        self.value_mask_t = (
+            value_first.weight[:, hidden + 2 : levels_start].detach().t().contiguous()
+        )
+        self.value_levels_t = value_first.weight[:, levels_start:].detach().t().contiguous()
         self.mask_interactions = network.mask_interactions.weight.detach() * network._strictly_lower
 
     @staticmethod
@@ -549,6 +571,7 @@ class SequenceSampler:
         quantum = self.time_quantum
         for step in range(max_length + 1):
             x = features.inputs()
+            levels = x[:, : 2 * n_numeric]
             hs[0], cs[0] = self._lstm_cell(x, hs[0], cs[0], w0_in, w0_hh, static_bias)
             for layer in range(1, net.num_layers):
                 w_in, w_hh, _, bias = self.layers[layer]
@@ -581,7 +604,7 @@ class SequenceSampler:
                 # dropping them is worth the copies.
                 if n_alive < _COMPACT * len(rows):
                     keep = alive.nonzero().squeeze(1)
-                    rows, fused, gap = rows[keep], fused[keep], gap[keep]
+                    rows, fused, gap, levels = rows[keep], fused[keep], gap[keep], levels[keep]
                     static_bias, alive = static_bias[keep], alive[keep]
                     hs = [h[keep] for h in hs]
                     cs = [c[keep] for c in cs]
@@ -596,7 +619,12 @@ class SequenceSampler:
             )
             start += self.n_mask
             mask_f = mask.to(fused.dtype)
-            value_pre = fused[:, start:] + g_feat @ self.value_gap_t + mask_f @ self.value_mask_t
+            value_pre = (
+                fused[:, start:]
+                + g_feat @ self.value_gap_t
+                + mask_f @ self.value_mask_t
+                + levels @ self.value_levels_t
+            )
             z, codes = net.value_head.sample(
                 self._head(net.value_net, value_pre, self.value_deep), generator, features.locf_num
             )
