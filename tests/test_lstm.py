@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -24,7 +27,7 @@ from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
 from synthmed.models.lstm_network import SequenceSampler, StepFeatures, ValueCodec, gap_features
 from synthmed.models.persistence import load_synthesizer
 from synthmed.models.value_grid import detect_resolution, frequent_values, snap
-from synthmed.schema import Schema
+from synthmed.schema import ColumnSchema, Schema
 
 TINY = LSTMConfig(
     hidden_size=16,
@@ -439,6 +442,49 @@ def test_frequent_values_and_snapping() -> None:
     snapped = snap(np.array([152.5, 170.0, 175.0, 240.0]), support)
     np.testing.assert_allclose(snapped[:3], [152.4, 170.2, 175.3])
     assert snapped[3] == 240.0  # far outside the frequent values: left alone
+
+
+def test_a_seed_gives_the_same_static_values_in_every_process(tmp_path) -> None:
+    """Snapping draws for two gridded static columns are taken in schema order. Taken in the
+    order of a set of names, they followed the process's string hashing: the same seed gave
+    other weights and heights in another Python process."""
+    simulated = simulate_cohort(120, seed=1)
+    rng = np.random.default_rng(0)
+    static = simulated.static.copy()
+    static["Weight"] = rng.choice([60.0, 70.0, 80.0, 90.0], len(static)) + np.where(
+        rng.random(len(static)) < 0.3, np.round(rng.normal(0, 3, len(static)), 1), 0.0
+    )
+    static["Height"] = np.round(rng.normal(170, 10, len(static)))
+    schema = simulated.schema
+    columns = [schema[n] for n in schema.static_columns] + [
+        ColumnSchema("Weight", "numeric", "static", lower=30, upper=200),
+        ColumnSchema("Height", "numeric", "static", lower=120, upper=220),
+    ]
+    columns += [schema[v] for v in schema.temporal_columns]
+    cohort = Cohort(static, simulated.events, Schema(columns, schema.id_column))
+    synth = tiny(seed=0, epochs=1).fit(cohort)
+    assert {"Weight", "Height"} <= set(synth.facts_["static_resolution"]) | set(
+        synth.facts_["static_support"]
+    )
+    path = tmp_path / "model.synthmed"
+    synth.save(path)
+    code = (
+        "import sys; from synthmed.models.persistence import load_synthesizer; "
+        "s = load_synthesizer(sys.argv[1]).sample(200, seed=3).static; "
+        "print(s[['Weight', 'Height']].to_csv())"
+    )
+    outputs = set()
+    for hash_seed in ("0", "1", "2", "3"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
 
 
 def test_window_end_feature_sharpens_towards_the_end_of_the_window() -> None:

@@ -78,7 +78,7 @@ from synthmed.models.cgan_networks import (
     summaries,
 )
 from synthmed.models.transforms import StaticEncoder, ValueScaler
-from synthmed.models.value_grid import detect_resolution, frequent_values, snap
+from synthmed.models.value_grid import detect_resolution, frequent_values, put_on_grid
 from synthmed.schema import ColumnSchema, Schema
 
 HISTORY_COLUMNS = (
@@ -362,26 +362,12 @@ class _Layout:
         )
 
     def to_grid(self, name: str, values: np.ndarray, generator: torch.Generator) -> np.ndarray:
-        """Generated ``values`` of numeric column ``name`` recorded like the training data's:
-        rounded to its resolution, then snapped to its frequent values with the share of
-        training values that lay on them (one draw of ``generator`` per finite value), then
-        clipped to the column's bounds. NaN stays NaN."""
+        """Generated ``values`` of numeric column ``name`` recorded like the training data's
+        (see :func:`~synthmed.models.value_grid.put_on_grid`)."""
         grid, column = self.grids.get(name), self.schema[name]
         if grid is None:
             return values
-        finite = np.isfinite(values)
-        # Only the observed entries (about half of a padded grid) are worked on.
-        x = values[finite]
-        step = grid["resolution"]
-        if step > 0:
-            x = np.round(x / step) * step
-        if "support" in grid:
-            u = torch.rand(x.shape, generator=generator, device=generator.device)
-            snapped = snap(x, grid["support"], weights=grid["weights"])
-            x = np.where(u.cpu().numpy() < grid["share"], snapped, x)
-        out = np.array(values, dtype=np.float64)
-        out[finite] = np.clip(x, _bound(column.lower, -np.inf), _bound(column.upper, np.inf))
-        return out
+        return put_on_grid(values, grid, column.lower, column.upper, generator)
 
 
 def _fit_grid(observed: np.ndarray | None, column: ColumnSchema) -> dict[str, Any]:

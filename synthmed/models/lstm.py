@@ -35,7 +35,13 @@ from synthmed.models.static_model import (
     fit_static_model_privately,
 )
 from synthmed.models.transforms import StaticEncoder, ValueScaler
-from synthmed.models.value_grid import ON_GRID, detect_resolution, frequent_values, snap
+from synthmed.models.value_grid import (
+    ON_GRID,
+    detect_resolution,
+    frequent_values,
+    put_on_grid,
+    snap,
+)
 
 _VALIDATION_SEED_OFFSET = 7919
 #: Longest generated sequence under DP when ``max_length`` is not given (the data's longest
@@ -632,23 +638,19 @@ class LSTMSynthesizer(Synthesizer):
     ) -> pd.DataFrame:
         static = self.static_encoder_.inverse(x.cpu().numpy())
         facts = self.facts_
-        for name in set(facts["static_resolution"]) | set(facts["static_support"]):
-            column = self.schema_[name]
-            values = static[name].to_numpy(dtype=np.float64)
-            step = facts["static_resolution"].get(name)
-            if step:
-                values = np.round(values / step) * step
+        # Schema order, so a seed draws the same snapping choices in every process.
+        for name in self.schema_.static_columns:
+            if name not in facts["static_resolution"] and name not in facts["static_support"]:
+                continue
+            grid = {"resolution": facts["static_resolution"].get(name, 0.0)}
             if name in facts["static_support"]:
                 # As for temporal values: snap with the share of training values on the support.
-                share = facts.get("static_support_share", {}).get(name, 1.0)
-                u = torch.rand(len(values), generator=generator, device=generator.device)
-                chosen = u.cpu().numpy() < share
-                weights = facts.get("static_support_weight", {}).get(name)
-                snapped = snap(values, facts["static_support"][name], weights=weights)
-                values = np.where(chosen, snapped, values)
-            lo = -np.inf if column.lower is None else column.lower
-            hi = np.inf if column.upper is None else column.upper
-            static[name] = np.clip(values, lo, hi)
+                grid["support"] = facts["static_support"][name]
+                grid["share"] = facts.get("static_support_share", {}).get(name, 1.0)
+                grid["weights"] = facts.get("static_support_weight", {}).get(name)
+            column = self.schema_[name]
+            drawn = static[name].to_numpy(dtype=np.float64)
+            static[name] = put_on_grid(drawn, grid, column.lower, column.upper, generator)
         for name in conditions.columns:
             given = conditions[name].notna().to_numpy()
             if given.any() and self.schema_[name].kind == "numeric":

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 #: Candidate resolutions (grid steps) of recorded values, tried from the coarsest.
 _RESOLUTIONS = tuple(m * 10.0**e for e in range(3, -5, -1) for m in (5, 2, 1))
@@ -150,3 +151,31 @@ def snap(
         with np.errstate(invalid="ignore"):
             inside &= np.abs(values - nearest) <= tolerance * np.maximum(1.0, np.abs(values))
     return np.where(inside, nearest, values)
+
+
+def put_on_grid(
+    values: np.ndarray,
+    grid: dict,
+    lower: float | None,
+    upper: float | None,
+    generator: torch.Generator,
+) -> np.ndarray:
+    """Generated ``values`` of one column recorded like the training data's: rounded to
+    ``grid["resolution"]`` (when positive), then snapped to ``grid["support"]`` (when present)
+    with probability ``grid["share"]``, cells weighted by ``grid.get("weights")`` (one draw of
+    ``generator`` per finite value), then clipped to ``[lower, upper]`` (None: unbounded).
+    NaN stays NaN; only the finite entries are worked on."""
+    finite = np.isfinite(values)
+    x = np.asarray(values, dtype=np.float64)[finite]
+    step = grid.get("resolution", 0.0)
+    if step > 0:
+        x = np.round(x / step) * step
+    if "support" in grid:
+        u = torch.rand(x.shape, generator=generator, device=generator.device)
+        snapped = snap(x, grid["support"], weights=grid.get("weights"))
+        x = np.where(u.cpu().numpy() < grid.get("share", 1.0), snapped, x)
+    out = np.array(values, dtype=np.float64)
+    low = -np.inf if lower is None else lower
+    high = np.inf if upper is None else upper
+    out[finite] = np.clip(x, low, high)
+    return out
