@@ -235,12 +235,20 @@ class Synthesizer(abc.ABC):
         self.privacy_spent_: tuple[float, float] | None = None
         self._sample_calls = 0
         started = time.perf_counter()
-        with torch.random.fork_rng(devices=[self.device_] if self.device_.type == "cuda" else []):
-            torch.manual_seed(self.seed_)
-            generator = torch.Generator(device="cpu").manual_seed(self.seed_)
-            self._fit(cohort, generator)
-        self.fit_seconds_ = time.perf_counter() - started
+        # Set first (a model may sample its own patients at the end of _fit); a failed fit
+        # leaves the synthesizer unfitted.
         self.schema_ = cohort.schema
+        try:
+            with torch.random.fork_rng(
+                devices=[self.device_] if self.device_.type == "cuda" else []
+            ):
+                torch.manual_seed(self.seed_)
+                generator = torch.Generator(device="cpu").manual_seed(self.seed_)
+                self._fit(cohort, generator)
+        except BaseException:
+            del self.schema_
+            raise
+        self.fit_seconds_ = time.perf_counter() - started
         return self
 
     @abc.abstractmethod

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from synthmed.cohort import Cohort
-from synthmed.encoding import category_codes
+from synthmed.encoding import category_codes, decode_codes
 from synthmed.errors import DataError
 from synthmed.models.base import GeneratedBatch, Synthesizer
 from synthmed.models.lstm_network import (
@@ -28,13 +28,24 @@ from synthmed.models.lstm_network import (
     StepFeatures,
     ValueCodec,
 )
+from synthmed.models.outcome_labeller import (
+    OutcomeFeatures,
+    OutcomeLabeller,
+    fit_labeller_privately,
+    labelled_columns,
+)
 from synthmed.models.static_model import (
     ConditionalStaticModel,
     columns_from_blocks,
     fit_static_model,
     fit_static_model_privately,
 )
-from synthmed.models.transforms import StaticEncoder, ValueScaler
+from synthmed.models.transforms import (
+    StaticEncoder,
+    ValueScaler,
+    histogram_edges,
+    patient_histograms,
+)
 from synthmed.models.value_grid import (
     ON_GRID,
     detect_resolution,
@@ -50,8 +61,22 @@ _PRIVATE_MAX_LENGTH = 256
 #: Adam's default learning rate, and the one under DP (see ``LSTMSynthesizer``'s docstring).
 _LEARNING_RATE = 3e-3
 _PRIVATE_LEARNING_RATE = 1e-3
-#: Share of epsilon (and delta) spent on the static model's own private training phase.
+#: Shares of epsilon (and delta) of the private phases: the static model, the sequence model,
+#: and (when the schema has a binary outcome) the outcome labeller and its prevalence count.
+#: Later phases are calibrated on the composition, so each reaches its cumulative share.
+_PRIVATE_SCALER_BUDGET = 0.05
 _PRIVATE_STATIC_BUDGET = 0.2
+_PRIVATE_SEQUENCE_BUDGET = 0.3
+_PRIVATE_LABELLER_BUDGET = 0.4
+_PRIVATE_PREVALENCE_BUDGET = 0.05
+#: Bins of the private value histograms the value scaler is fitted on under DP.
+_SCALER_BINS = 32
+#: Generated patients the outcome labeller's intercepts are calibrated on after a private fit.
+_CALIBRATION_PATIENTS = 2000
+#: Prefix of the outcome labeller's tensors in a saved model.
+_LABELLER_PREFIX = "labeller."
+#: Rounds of redrawing patients whose drawn outcome misses its condition before giving up.
+_MAX_LABEL_ROUNDS = 200
 #: Gradient norm clipping of non-private training (DP clips per patient instead).
 _CLIP_NORM = 5.0
 
@@ -319,7 +344,10 @@ class LSTMSynthesizer(Synthesizer):
 
             check_public_schema(cohort)
         device = self.device_
-        data = _prepare(cohort, self.max_length, self.max_time, self.quantize, private, device)
+        histograms = self._private_value_histograms(cohort, generator) if private else None
+        data = _prepare(
+            cohort, self.max_length, self.max_time, self.quantize, private, device, histograms
+        )
         self.config_ = config
         self.static_encoder_ = data.static_encoder
         self.value_scaler_ = data.value_scaler
@@ -377,8 +405,14 @@ class LSTMSynthesizer(Synthesizer):
         if learning_rate is None:
             learning_rate = _PRIVATE_LEARNING_RATE if private else _LEARNING_RATE
         optimizer = torch.optim.Adam(trainable, lr=learning_rate)
+        labelled = labelled_columns(schema) if private else []
+        sequence_budget = (
+            _PRIVATE_SEQUENCE_BUDGET
+            if labelled
+            else 1 - _PRIVATE_SCALER_BUDGET - _PRIVATE_STATIC_BUDGET
+        )
         module, optimizer, loader = self._make_private(
-            network, optimizer, loader, self.epochs, budget_fraction=1 - _PRIVATE_STATIC_BUDGET
+            network, optimizer, loader, self.epochs, budget_fraction=sequence_budget
         )
         # Halve the learning rate when the monitored loss stalls, before early stopping gives up
         # (not under DP: the schedule would depend on the patients' losses).
@@ -471,11 +505,125 @@ class LSTMSynthesizer(Synthesizer):
             network.load_state_dict(best_state)
         self.best_epoch_ = best_epoch if n_val else len(history)
         self.history_ = pd.DataFrame(history)
+        self.labeller_ = None
+        if labelled:
+            labeller = self._fit_labeller(cohort, labelled, train_rows.numpy(), generator)
         if private:
             from synthmed.models.privacy import record_spent
 
             record_spent(self)
         self._install(network.state_dict(), device)
+        if labelled:
+            self._install_labeller(labeller.state_dict(), labelled)
+            # Post-processing of the private model: its own patients set the intercept shift.
+            with torch.no_grad():
+                calibration = self._conditions_frame(_CALIBRATION_PATIENTS, None)
+                features = self._labeller_features(self._generate_patients(calibration, noise))
+                self.labeller_.calibrate(features)
+
+    def _private_value_histograms(
+        self, cohort: Cohort, generator: torch.Generator
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Noisy histograms of each numeric variable's values, for the value scaler under DP.
+
+        Each patient contributes its share of observations per bin (bins of the declared range,
+        see ``histogram_edges``), summed over patients by the Gaussian mechanism on
+        ``_PRIVATE_SCALER_BUDGET`` of the budget. Scaled by the declared bounds alone, values
+        such as lactate (range 0-40, typical 1-3) start far from where the untrained heads put
+        them, and noisy gradients never bring them there (generated lactate averaged 15 mmol/L
+        at epsilon 10).
+        """
+        from synthmed.models.privacy import private_sum
+
+        schema = cohort.schema
+        numeric = [v for v in schema.temporal_columns if schema[v].kind == "numeric"]
+        if not numeric:
+            return {}
+        arrays = cohort.arrays
+        positions = [arrays.variables.index(v) for v in numeric]
+        edges = [histogram_edges(schema[v], _SCALER_BINS) for v in numeric]
+        shares = patient_histograms(
+            arrays.values[:, :, positions], arrays.mask[:, :, positions], edges
+        )
+        # One patient's histograms have an L2 norm of at most sqrt(number of variables).
+        scale = math.sqrt(len(numeric))
+        sums, noise = private_sum(
+            self,
+            shares.reshape(len(shares), -1) / scale,
+            generator,
+            budget_fraction=_PRIVATE_SCALER_BUDGET,
+        )
+        sums = sums.reshape(len(numeric), _SCALER_BINS) * scale
+        # Bins below three noise deviations are dropped: kept, the noise in the many empty bins
+        # would add a uniform floor of false mass and inflate the scale.
+        sums = np.where(sums > 3 * noise * scale, sums, 0.0)
+        histograms = {}
+        for name, bounds, counts in zip(numeric, edges, sums, strict=True):
+            lower = float(schema[name].lower)
+            middle = (np.log1p(bounds[:-1] - lower) + np.log1p(bounds[1:] - lower)) / 2
+            histograms[name] = (lower + np.expm1(middle), counts)
+        return histograms
+
+    def _fit_labeller(
+        self, cohort: Cohort, columns: list[str], rows: np.ndarray, generator: torch.Generator
+    ) -> OutcomeLabeller:
+        """The private outcome labeller and its prevalence count, on the training patients."""
+        from synthmed.models.privacy import private_sum
+
+        features = OutcomeFeatures(self.schema_, self.max_length_, self._feature_time())
+        arrays = cohort.arrays
+        steps = min(arrays.max_length, self.max_length_)
+        values = np.where(arrays.mask, arrays.values, np.nan)[rows, :steps]
+        x = features.transform(
+            cohort.static.iloc[rows],
+            values,
+            arrays.times[rows, :steps],
+            np.minimum(arrays.lengths[rows], steps),
+        )
+        codes = np.stack(
+            [
+                category_codes(cohort.static[c].iloc[rows], self.schema_[c].categories)
+                for c in columns
+            ],
+            axis=1,
+        )
+        labels = np.where(codes < 0, np.nan, (codes == 1).astype(np.float64))
+        labeller = OutcomeLabeller(features.size, len(columns))
+        fit_labeller_privately(
+            labeller,
+            torch.as_tensor(x),
+            torch.as_tensor(labels, dtype=torch.float32),
+            generator,
+            functools.partial(self._make_private, budget_fraction=_PRIVATE_LABELLER_BUDGET),
+        )
+        # Positives and known labels of each outcome: one patient moves each sum by at most 1.
+        counts = np.concatenate([np.nan_to_num(labels), ~np.isnan(labels)], axis=1)
+        sums, _ = private_sum(
+            self,
+            counts / math.sqrt(counts.shape[1]),
+            generator,
+            budget_fraction=_PRIVATE_PREVALENCE_BUDGET,
+        )
+        sums = sums * math.sqrt(counts.shape[1])
+        positives, known = sums[: len(columns)], sums[len(columns) :]
+        prevalence = np.clip(positives / np.maximum(known, 1.0), 1e-4, 1 - 1e-4)
+        labeller.prevalence.copy_(torch.as_tensor(prevalence, dtype=torch.float32))
+        return labeller
+
+    def _feature_time(self) -> float:
+        return (
+            float(self.max_time_)
+            if self.max_time_
+            else float(self.facts_["gap_scale"] * self.max_length_)
+        )
+
+    def _install_labeller(self, state: dict[str, torch.Tensor], columns: list[str]) -> None:
+        features = OutcomeFeatures(self.schema_, self.max_length_, self._feature_time())
+        labeller = OutcomeLabeller(features.size, len(columns))
+        labeller.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True)
+        self.labeller_ = labeller.to(self.device_).eval()
+        self.labelled_columns_ = list(columns)
+        self._outcome_features = features
 
     def _build_network(self, private: bool) -> _Network:
         config, facts = self.config_, self.facts_
@@ -594,28 +742,110 @@ class LSTMSynthesizer(Synthesizer):
 
     def _generate(self, conditions: pd.DataFrame, generator: torch.Generator) -> GeneratedBatch:
         self._check_seen_categories(conditions)
+        batch = self._generate_patients(conditions, generator)
+        if self.labeller_ is None:
+            return batch
+        return self._label_outcomes(batch, conditions, generator)
+
+    def _generate_patients(
+        self, conditions: pd.DataFrame, generator: torch.Generator
+    ) -> GeneratedBatch:
+        """Static rows from the static model, then their sequences, in batches."""
         device = self.device_
-        encoder = self.static_encoder_
-        given = conditions.notna().to_numpy()
-        known_all = torch.as_tensor(
-            np.stack([given[:, conditions.columns.get_loc(b.name)] for b in encoder.blocks_], 1)
-            if encoder.blocks_
-            else np.zeros((len(conditions), 0), bool),
-            device=device,
-        )
-        encoded_all = torch.as_tensor(encoder.transform(conditions), device=device)
         statics, parts = [], []
         for start in range(0, len(conditions), self.sample_batch_size):
             stop = min(start + self.sample_batch_size, len(conditions))
-            x = self.network_.static_model.sample(
-                encoded_all[start:stop], known_all[start:stop], generator, self._static_bounds
-            )
-            static = self._decode_static(x, conditions.iloc[start:stop], generator)
-            encoded = torch.as_tensor(encoder.transform(static), device=device)
+            static = self._draw_static(conditions.iloc[start:stop], generator)
+            encoded = torch.as_tensor(self.static_encoder_.transform(static), device=device)
             parts.append(self._sampler.sample(encoded, generator, self.max_length_, self.max_time_))
             statics.append(static)
         static = pd.concat(statics, ignore_index=True)
         times, values, lengths = self._assemble(parts, len(conditions))
+        return GeneratedBatch(static=static, times=times, values=values, lengths=lengths)
+
+    def _draw_static(self, conditions: pd.DataFrame, generator: torch.Generator) -> pd.DataFrame:
+        """One static row per row of ``conditions``, its given cells kept."""
+        encoder = self.static_encoder_
+        given = conditions.notna().to_numpy()
+        known = torch.as_tensor(
+            np.stack([given[:, conditions.columns.get_loc(b.name)] for b in encoder.blocks_], 1)
+            if encoder.blocks_
+            else np.zeros((len(conditions), 0), bool),
+            device=self.device_,
+        )
+        encoded = torch.as_tensor(encoder.transform(conditions), device=self.device_)
+        x = self.network_.static_model.sample(encoded, known, generator, self._static_bounds)
+        return self._decode_static(x, conditions, generator)
+
+    def _labeller_features(self, batch: GeneratedBatch) -> torch.Tensor:
+        features = self._outcome_features.transform(
+            batch.static, batch.values, batch.times, batch.lengths
+        )
+        return torch.as_tensor(features, device=self.device_)
+
+    def _draw_outcome_codes(self, batch: GeneratedBatch, generator: torch.Generator) -> np.ndarray:
+        """``[N, k]`` codes (1: the positive category) drawn by the outcome labeller."""
+        probabilities = self.labeller_.probabilities(self._labeller_features(batch))
+        draws = torch.rand(probabilities.shape, generator=generator, device=self.device_)
+        return (draws < probabilities).cpu().numpy().astype(np.int64)
+
+    def _label_outcomes(
+        self, batch: GeneratedBatch, conditions: pd.DataFrame, generator: torch.Generator
+    ) -> GeneratedBatch:
+        """Draw the binary outcomes given each generated patient (see ``outcome_labeller``).
+
+        A patient whose drawn outcome misses its condition is generated again (its conditions
+        still given to the static and sequence models) until it matches, so conditioned patients
+        follow ``p(patient | outcome)`` of the model. The other outcome columns are then redrawn
+        by the static model given the patient's non-outcome attributes and drawn outcomes.
+        """
+        columns = self.labelled_columns_
+        wanted = np.stack(
+            [category_codes(conditions[c], self.schema_[c].categories) for c in columns], axis=1
+        )
+        codes = self._draw_outcome_codes(batch, generator)
+        static, times, values, lengths = batch.static, batch.times, batch.values, batch.lengths
+        missing = ((wanted >= 0) & (codes != wanted)).any(axis=1)
+        for _ in range(_MAX_LABEL_ROUNDS):
+            if not missing.any():
+                break
+            rows = np.flatnonzero(missing)
+            redo = self._generate_patients(conditions.iloc[rows].reset_index(drop=True), generator)
+            redo_codes = self._draw_outcome_codes(redo, generator)
+            hits = ~((wanted[rows] >= 0) & (redo_codes != wanted[rows])).any(axis=1)
+            take = rows[hits]
+            steps = max(times.shape[1], redo.times.shape[1])
+            times, values = _widen(times, values, steps)
+            redo_times, redo_values = _widen(redo.times, redo.values, steps)
+            times[take], values[take] = redo_times[hits], redo_values[hits]
+            lengths[take] = redo.lengths[hits]
+            replacement = redo.static.iloc[np.flatnonzero(hits)].set_axis(static.index[take])
+            static = pd.concat([static.drop(index=static.index[take]), replacement]).loc[
+                static.index
+            ]
+            codes[take] = redo_codes[hits]
+            missing[take] = False
+        if missing.any():
+            raise DataError(
+                f"{int(missing.sum())} patients still drew outcomes other than their conditions "
+                f"on {columns} after {_MAX_LABEL_ROUNDS} rounds: the outcome model gives those "
+                "conditions too small a probability for these patients"
+            )
+        static = static.copy()
+        for k, name in enumerate(columns):
+            static[name] = decode_codes(codes[:, k], self.schema_[name].categories)
+        others = [c for c in self.schema_.outcome_columns if c not in columns]
+        if others:
+            given = static.copy()
+            given[others] = conditions[others].to_numpy()
+            redrawn = pd.concat(
+                [
+                    self._draw_static(given.iloc[start : start + self.sample_batch_size], generator)
+                    for start in range(0, len(given), self.sample_batch_size)
+                ],
+                ignore_index=True,
+            )
+            static[others] = redrawn[others].to_numpy()
         return GeneratedBatch(static=static, times=times, values=values, lengths=lengths)
 
     def _check_seen_categories(self, conditions: pd.DataFrame) -> None:
@@ -722,6 +952,10 @@ class LSTMSynthesizer(Synthesizer):
             "best_epoch": self.best_epoch_,
         }
         tensors = {k: v.detach().cpu() for k, v in self.network_.state_dict().items()}
+        if self.labeller_ is not None:
+            state["labelled_columns"] = self.labelled_columns_
+            for name, tensor in self.labeller_.state_dict().items():
+                tensors[f"{_LABELLER_PREFIX}{name}"] = tensor.detach().cpu()
         return state, tensors
 
     def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -740,7 +974,28 @@ class LSTMSynthesizer(Synthesizer):
         self.max_time_ = facts["max_time"]
         self.n_truncated_ = facts["n_truncated"]
         self.best_epoch_ = int(config["best_epoch"])
-        self._install(tensors, self.device_)
+        labeller = {
+            k.removeprefix(_LABELLER_PREFIX): v
+            for k, v in tensors.items()
+            if k.startswith(_LABELLER_PREFIX)
+        }
+        self._install(
+            {k: v for k, v in tensors.items() if not k.startswith(_LABELLER_PREFIX)}, self.device_
+        )
+        self.labeller_ = None
+        if config.get("labelled_columns"):
+            self._install_labeller(labeller, list(config["labelled_columns"]))
+
+
+def _widen(times: np.ndarray, values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``times`` and ``values`` padded (0 and NaN) to ``steps`` steps."""
+    extra = steps - times.shape[1]
+    if extra <= 0:
+        return times, values
+    return (
+        np.pad(times, ((0, 0), (0, extra))),
+        np.pad(values, ((0, 0), (0, extra), (0, 0)), constant_values=np.nan),
+    )
 
 
 class _LengthBatches(torch.utils.data.Sampler):
@@ -844,6 +1099,7 @@ def _prepare(
     quantize: bool,
     private: bool,
     device: torch.device,
+    value_histograms: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> _Prepared:
     """Everything training needs, computed once: encoders, the facts the model keeps (scales,
     grids, lengths: data-free under DP), and padded tensors with the step features."""
@@ -880,7 +1136,10 @@ def _prepare(
     mask = ~np.isnan(values)
 
     static_encoder = StaticEncoder().fit(cohort.static, schema, from_bounds=private)
-    value_scaler = ValueScaler().fit(arrays.values, schema, from_bounds=private)
+    if value_histograms is not None:  # private: the scaler of noisy histograms
+        value_scaler = ValueScaler().fit_histograms(value_histograms, schema)
+    else:
+        value_scaler = ValueScaler().fit(arrays.values, schema, from_bounds=private)
 
     observed_gaps = gaps[step_mask]
     positive = observed_gaps[observed_gaps > 0]

@@ -245,14 +245,27 @@ def _check_loader(synth: Synthesizer, data_loader: torch.utils.data.DataLoader) 
 
 @dataclasses.dataclass
 class _Phase:
-    engine: Any  # opacus.PrivacyEngine
-    module: Any  # opacus GradSampleModule
+    engine: Any  # opacus.PrivacyEngine; None for a one-shot Gaussian mechanism (private_sum)
+    module: Any  # opacus GradSampleModule, or None
     noise_multiplier: float
     sample_rate: float
     fraction: float
     steps_per_epoch: int
     planned_epochs: int
     steps: int = 0
+    fixed_history: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The accountant's (noise multiplier, sample rate, steps) entries of this phase."""
+        return self.engine.accountant.history if self.engine is not None else self.fixed_history
+
+    @history.setter
+    def history(self, entries: list[tuple[float, float, int]]) -> None:
+        if self.engine is not None:
+            self.engine.accountant.history = entries
+        else:
+            self.fixed_history = entries
 
 
 class PrivacySession:
@@ -281,13 +294,14 @@ class PrivacySession:
 
     def spent_epsilon(self) -> float:
         """Epsilon at ``self.delta`` over every step of every phase, composed by the accountant."""
-        history = [entry for phase in self.phases for entry in phase.engine.accountant.history]
+        history = [entry for phase in self.phases for entry in phase.history]
         return spent_epsilon(history, self.delta, self.accountant)
 
     def close(self) -> None:
         """Detach Opacus' hooks and per-sample attributes from the trained modules."""
         for phase in self.phases:
-            phase.module.cleanup()
+            if phase.module is not None:
+                phase.module.cleanup()
         self.finished = True
 
 
@@ -399,18 +413,7 @@ def make_private(
     delta = resolve_delta(synth.delta, n_patients)
     check_module(module)
 
-    session = getattr(synth, _SESSION_ATTRIBUTE, None)
-    joins = (
-        session is not None
-        and not session.finished
-        and budget_fraction < 1
-        and session.fraction_used + budget_fraction <= 1 + 1e-9
-        and session.accountant == accountant
-    )
-    if not joins:
-        session = PrivacySession(synth.epsilon, delta, accountant, n_patients)
-        setattr(synth, _SESSION_ATTRIBUTE, session)
-        synth.privacy_spent_ = None
+    session = _session_for(synth, delta, accountant, n_patients, budget_fraction)
 
     module.train()
     # Opacus' per-sample hooks use gradients with respect to layer outputs; torch warns, once per
@@ -483,6 +486,81 @@ def make_private(
     return private_module, private_optimizer, private_loader
 
 
+def _session_for(
+    synth: Synthesizer, delta: float, accountant: str, n_patients: int, budget_fraction: float
+) -> PrivacySession:
+    """The fit's running session if this phase's share fits in it, else a new session."""
+    session = getattr(synth, _SESSION_ATTRIBUTE, None)
+    joins = (
+        session is not None
+        and not session.finished
+        and budget_fraction < 1
+        and session.fraction_used + budget_fraction <= 1 + 1e-9
+        and session.accountant == accountant
+    )
+    if not joins:
+        session = PrivacySession(synth.epsilon, delta, accountant, n_patients)
+        setattr(synth, _SESSION_ATTRIBUTE, session)
+        synth.privacy_spent_ = None
+    return session
+
+
+def private_sum(
+    synth: Synthesizer,
+    rows: np.ndarray,
+    generator: torch.Generator,
+    *,
+    budget_fraction: float,
+    accountant: str | None = None,
+) -> tuple[np.ndarray, float]:
+    """Column sums of per-patient ``rows`` (``[n_patients, k]``) by the Gaussian mechanism,
+    and the standard deviation of the noise added to each.
+
+    Each row is scaled to an L2 norm of at most 1 (one patient changes the sums by at most 1),
+    and Gaussian noise is added with the multiplier that brings the fit's session to its
+    cumulative share of epsilon, as a later phase of :func:`make_private` does; the accountant
+    composes it with the other phases (one step at sample rate 1).
+    """
+    if synth.epsilon is None:
+        raise PrivacyError("private_sum was called on a synthesizer without epsilon")
+    if not 0 < budget_fraction <= 1:
+        raise PrivacyError(f"budget_fraction must be in (0, 1], got {budget_fraction!r}")
+    accountant = accountant or getattr(synth, "accountant", None) or DEFAULT_ACCOUNTANT
+    rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    n_patients = len(rows)
+    delta = resolve_delta(synth.delta, n_patients)
+    session = _session_for(synth, delta, accountant, n_patients, budget_fraction)
+    try:
+        noise = _composed_noise_multiplier(
+            session,
+            target=synth.epsilon * (session.fraction_used + budget_fraction),
+            sample_rate=1.0,
+            steps=1,
+        )
+    except ValueError as exc:
+        raise PrivacyError(f"epsilon={synth.epsilon} cannot be reached: {exc}") from None
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    rows = rows / np.maximum(norms, 1.0)
+    draws = torch.randn(rows.shape[1], generator=generator, dtype=torch.float64).numpy()
+    session.phases.append(
+        _Phase(
+            engine=None,
+            module=None,
+            noise_multiplier=noise,
+            sample_rate=1.0,
+            fraction=float(budget_fraction),
+            steps_per_epoch=1,
+            planned_epochs=1,
+            steps=1,
+            fixed_history=[(noise, 1.0, 1)],
+        )
+    )
+    spent = session.spent_epsilon()
+    session.epsilon_by_epoch.append(spent)
+    synth.privacy_spent_ = (spent, session.delta)
+    return rows.sum(axis=0) + noise * draws, noise
+
+
 def _explain(
     exc: ValueError, synth: Synthesizer, data_loader: torch.utils.data.DataLoader, epochs: int
 ) -> PrivacyError:
@@ -506,7 +584,7 @@ def _composed_noise_multiplier(
 ) -> float:
     """The smallest noise multiplier (within 1 %) for which the session's phases so far plus
     ``steps`` more at ``sample_rate`` spend at most ``target`` epsilon at the session's delta."""
-    earlier = [entry for phase in session.phases for entry in phase.engine.accountant.history]
+    earlier = [entry for phase in session.phases for entry in phase.history]
 
     def spent(noise: float) -> float:
         return spent_epsilon(
@@ -601,7 +679,7 @@ def checkpoint_state(synth: Synthesizer) -> dict[str, Any] | None:
         return None
     return {
         "phases": [
-            {"history": [list(entry) for entry in p.engine.accountant.history], "steps": p.steps}
+            {"history": [list(entry) for entry in p.history], "steps": p.steps}
             for p in session.phases
         ],
         "epsilon_by_epoch": list(session.epsilon_by_epoch),
@@ -624,7 +702,7 @@ def restore_checkpoint_state(synth: Synthesizer, state: Mapping[str, Any] | None
             "_make_private as in the interrupted run, then restore"
         )
     for phase, entry in zip(session.phases, saved, strict=False):
-        phase.engine.accountant.history = [tuple(item) for item in entry["history"]]
+        phase.history = [tuple(item) for item in entry["history"]]
         phase.steps = int(entry["steps"])
     session.epsilon_by_epoch = [float(e) for e in state["epsilon_by_epoch"]]
 

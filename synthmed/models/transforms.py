@@ -13,6 +13,7 @@ differentially private training uses.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,6 +161,36 @@ class ValueScaler:
             self.scale_[j] = max(observed.std(), 1e-6)
         return self
 
+    def fit_histograms(
+        self, histograms: Mapping[str, tuple[np.ndarray, np.ndarray]], schema: Schema
+    ) -> ValueScaler:
+        """The same statistics as :meth:`fit`, from (bin centres, weights) histograms of the
+        numeric variables (e.g. noisy private ones; negative weights count as 0). A variable
+        whose histogram holds almost nothing gets the centre and scale of its declared bounds.
+        """
+        variables = schema.temporal_columns
+        self.schema_ = schema
+        self.log_ = np.zeros(len(variables), dtype=bool)
+        self.center_ = np.zeros(len(variables))
+        self.scale_ = np.ones(len(variables))
+        for j, name in enumerate(variables):
+            column = schema[name]
+            if column.kind != "numeric":
+                continue
+            centres, weights = histograms[name]
+            weights = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
+            if weights.sum() < 1.0:
+                self.center_[j], self.scale_[j] = _bounds_center_scale(column)
+                continue
+            points = np.asarray(centres, dtype=np.float64)
+            self.log_[j] = points.min() >= 0 and _skewness(points, weights) > SKEW_FOR_LOG
+            if self.log_[j]:
+                points = np.log1p(points)
+            mean = np.average(points, weights=weights)
+            self.center_[j] = mean
+            self.scale_[j] = max(np.sqrt(np.average((points - mean) ** 2, weights=weights)), 1e-6)
+        return self
+
     def transform(self, values: np.ndarray) -> np.ndarray:
         out = np.array(values, dtype=np.float32, copy=True)
         logged = np.log1p(np.clip(out[..., self.log_], 0, None))
@@ -208,7 +239,36 @@ def _into_bounds(values: np.ndarray, column: ColumnSchema) -> np.ndarray:
     return np.round(values) if column.integer else values
 
 
-def _skewness(values: np.ndarray) -> float:
-    centred = values - values.mean()
-    spread = centred.std()
-    return float((centred**3).mean() / spread**3) if spread > 0 else 0.0
+def _skewness(values: np.ndarray, weights: np.ndarray | None = None) -> float:
+    centred = values - np.average(values, weights=weights)
+    spread = np.sqrt(np.average(centred**2, weights=weights))
+    return float(np.average(centred**3, weights=weights) / spread**3) if spread > 0 else 0.0
+
+
+def histogram_edges(column: ColumnSchema, bins: int) -> np.ndarray:
+    """``bins + 1`` edges over a numeric column's declared range, evenly spaced in
+    ``log1p(value - lower)``: fine where clinical values crowd near the lower bound (lactate,
+    urine output), coarse in the far tail."""
+    _bounds_center_scale(column)  # both bounds declared, or a clear error
+    lower, upper = float(column.lower), float(column.upper)
+    return lower + np.expm1(np.linspace(0.0, np.log1p(upper - lower), bins + 1))
+
+
+def patient_histograms(
+    values: np.ndarray, mask: np.ndarray, edges: Sequence[np.ndarray]
+) -> np.ndarray:
+    """``[N, V, bins]``: for each patient and variable, the share of its observations in each
+    bin (a row of zeros for a variable it never had). Each patient's histogram of one variable
+    sums to 1, so one patient moves a sum over patients by at most 1 per variable."""
+    n, _, n_vars = values.shape
+    bins = len(edges[0]) - 1
+    out = np.zeros((n, n_vars, bins))
+    for j in range(n_vars):
+        seen = mask[:, :, j]
+        patients = np.nonzero(seen)[0]
+        index = np.clip(
+            np.searchsorted(edges[j], values[:, :, j][seen], side="right") - 1, 0, bins - 1
+        )
+        np.add.at(out[:, j], (patients, index), 1.0)
+    totals = out.sum(axis=2, keepdims=True)
+    return out / np.maximum(totals, 1.0)

@@ -1,0 +1,139 @@
+"""The private outcome labeller: features from declared bounds only, and DP LSTM outcomes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from synthmed import load_synthesizer
+from synthmed.datasets import simulate_cohort
+from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
+from synthmed.models.outcome_labeller import OutcomeFeatures, OutcomeLabeller, labelled_columns
+from synthmed.models.privacy import privacy_details
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
+OUTCOME = "In-hospital_death"
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return simulate_cohort(400, seed=3)
+
+
+def _features_of(cohort, rows=slice(None)):
+    arrays = cohort.arrays
+    features = OutcomeFeatures(cohort.schema, max_length=arrays.max_length, max_time=48.0)
+    values = np.where(arrays.mask, arrays.values, np.nan)
+    return features, features.transform(
+        cohort.static.iloc[rows], values[rows], arrays.times[rows], arrays.lengths[rows]
+    )
+
+
+def test_features_are_scaled_by_the_declared_bounds_not_by_the_data(cohort):
+    features, x = _features_of(cohort)
+    assert x.shape == (cohort.n_patients, features.size)
+    # A patient's features do not depend on who else is in the batch (no data statistic).
+    _, alone = _features_of(cohort, slice(5, 6))
+    np.testing.assert_array_equal(alone[0], x[5])
+    # Hand-computed: mean, min and max of the first variable as fractions of its declared range.
+    name = cohort.variables[0]
+    column = cohort.schema[name]
+    arrays = cohort.arrays
+    observed = arrays.values[5, : arrays.lengths[5], 0][arrays.mask[5, : arrays.lengths[5], 0]]
+    scaled = (observed - column.lower) / (column.upper - column.lower)
+    at = 3  # after steps, duration and the variable's observation count
+    np.testing.assert_allclose(
+        x[5, at : at + 3], [scaled.mean(), scaled.min(), scaled.max()], rtol=1e-5
+    )
+    assert x[5, 2] == pytest.approx(len(observed) / arrays.max_length)
+    assert OUTCOME not in features.static_columns
+
+
+def test_calibration_sets_the_mean_probability_to_the_prevalence():
+    labeller = OutcomeLabeller(3, 1)
+    labeller.prevalence.fill_(0.2)
+    x = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
+    labeller.calibrate(x)
+    assert float(labeller.probabilities(x).mean().detach()) == pytest.approx(0.2, abs=1e-4)
+
+
+def _private_lstm(epsilon: float, **settings) -> LSTMSynthesizer:
+    small = LSTMConfig(
+        hidden_size=8,
+        head_hidden=8,
+        static_hidden=8,
+        gap_components=2,
+        mask_components=2,
+        value_components=2,
+        static_components=2,
+    )
+    options = dict(epochs=1, batch_size=50, device="cpu", verbose=False, max_length=24)
+    return LSTMSynthesizer(small, epsilon=epsilon, **{**options, **settings})
+
+
+@pytest.fixture(scope="module")
+def private_model(cohort):
+    return _private_lstm(8.0).fit(cohort)
+
+
+def test_private_lstm_draws_outcomes_from_a_labeller_that_learned_them(private_model, cohort):
+    model = private_model
+    assert model.labelled_columns_ == [OUTCOME] == labelled_columns(cohort.schema)
+    # The labeller ranks the real patients by their outcome (simulated death follows severity,
+    # which shapes the vitals), though it saw them only through DP-SGD.
+    _, x = _features_of(cohort)
+    truth = cohort.static[OUTCOME].to_numpy().astype(int)
+    scores = model.labeller_.probabilities(torch.as_tensor(x))[:, 0].detach().numpy()
+    assert roc_auc_score(truth, scores) > 0.75
+    # Generated patients have about the real prevalence, and their drawn outcome follows the
+    # labeller's probability for them (not the static model's draw).
+    synthetic = model.sample(1500, seed=0)
+    rate = (synthetic.static[OUTCOME] == 1).mean()
+    assert rate == pytest.approx(truth.mean(), abs=0.06)
+    _, xs = _features_of(synthetic)
+    p = model.labeller_.probabilities(torch.as_tensor(xs))[:, 0].detach().numpy()
+    assert roc_auc_score(synthetic.static[OUTCOME].to_numpy().astype(int), p) > 0.7
+
+
+def test_private_lstm_honours_outcome_conditions_by_redrawing_patients(private_model):
+    conditions = pd.DataFrame({OUTCOME: [1] * 30 + [0] * 30 + [None] * 30})
+    sampled = private_model.sample(conditions=conditions, seed=1)
+    drawn = sampled.static[OUTCOME].to_numpy()
+    assert (drawn[:30] == 1).all() and (drawn[30:60] == 0).all()
+    again = private_model.sample(conditions=conditions, seed=1)
+    pd.testing.assert_frame_equal(sampled.static, again.static)
+    pd.testing.assert_frame_equal(sampled.events, again.events)
+
+
+def test_labeller_is_saved_and_loaded(private_model, tmp_path):
+    before = private_model.sample(200, seed=4)
+    loaded = load_synthesizer(private_model.save(tmp_path / "dp.synthmed"))
+    after = loaded.sample(200, seed=4)
+    pd.testing.assert_frame_equal(before.static, after.static)
+    pd.testing.assert_frame_equal(before.events, after.events)
+    torch.testing.assert_close(loaded.labeller_.shift, private_model.labeller_.shift)
+
+
+def test_labeller_phases_spend_within_the_budget(private_model):
+    epsilon, _ = private_model.privacy_spent
+    assert 7.5 < epsilon <= 8.0 * 1.01
+    phases = privacy_details(private_model)["phases"]
+    # value histograms, static model, sequence model, labeller, prevalence count
+    assert [p["budget_fraction"] for p in phases] == pytest.approx([0.05, 0.2, 0.3, 0.4, 0.05])
+    assert phases[0]["sample_rate"] == phases[4]["sample_rate"] == 1.0
+
+
+def test_no_labeller_without_dp_or_without_a_binary_outcome(cohort):
+    assert _private_lstm(None).fit(cohort).labeller_ is None
+    schema = cohort.schema.with_column(OUTCOME, role="static")
+    from synthmed import Cohort
+
+    plain = Cohort(cohort.static, cohort.events, schema, cohort.metadata)
+    model = _private_lstm(8.0).fit(plain)
+    assert model.labeller_ is None
+    phases = privacy_details(model)["phases"]
+    assert [p["budget_fraction"] for p in phases] == pytest.approx([0.05, 0.2, 0.75])
