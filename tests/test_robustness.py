@@ -225,8 +225,8 @@ class _Interrupted(Exception):
 
 
 def test_interrupted_private_lstm_resumes_to_the_same_weights_and_epsilon(tmp_path, monkeypatch):
-    """Under DP the LSTM trains in two private phases (static model, then sequences): a resumed
-    run must restore both phases' accounting and the static model's weights."""
+    """Under DP the LSTM runs five private phases (summary, static model, sequences, outcome
+    labeller, prevalence): a resumed run must restore every phase's accounting and the weights."""
     cohort = simulate_cohort(60, seed=3)
     settings = {**SETTINGS, "epochs": 4, "epsilon": 8.0}
     save = LSTMSynthesizer._save_checkpoint
@@ -254,4 +254,4 @@ def test_interrupted_private_lstm_resumes_to_the_same_weights_and_epsilon(tmp_pa
     _assert_same_weights(resumed, uninterrupted)
     assert resumed.privacy_spent == uninterrupted.privacy_spent
     phases = [privacy_details(m)["phases"] for m in (resumed, uninterrupted)]
-    assert phases[0] == phases[1] and len(phases[0]) == 2
+    assert phases[0] == phases[1] and len(phases[0]) == 5

@@ -64,7 +64,7 @@ _PRIVATE_LEARNING_RATE = 1e-3
 #: Shares of epsilon (and delta) of the private phases: the static model, the sequence model,
 #: and (when the schema has a binary outcome) the outcome labeller and its prevalence count.
 #: Later phases are calibrated on the composition, so each reaches its cumulative share.
-_PRIVATE_SCALER_BUDGET = 0.05
+_PRIVATE_SUMMARY_BUDGET = 0.05
 _PRIVATE_STATIC_BUDGET = 0.2
 _PRIVATE_SEQUENCE_BUDGET = 0.3
 _PRIVATE_LABELLER_BUDGET = 0.4
@@ -344,9 +344,9 @@ class LSTMSynthesizer(Synthesizer):
 
             check_public_schema(cohort)
         device = self.device_
-        histograms = self._private_value_histograms(cohort, generator) if private else None
+        summary = self._private_summary(cohort, generator) if private else None
         data = _prepare(
-            cohort, self.max_length, self.max_time, self.quantize, private, device, histograms
+            cohort, self.max_length, self.max_time, self.quantize, private, device, summary
         )
         self.config_ = config
         self.static_encoder_ = data.static_encoder
@@ -360,6 +360,12 @@ class LSTMSynthesizer(Synthesizer):
         seq = network.sequence
         with torch.no_grad():  # start the stop head at the mean stop rate
             seq.out.bias[0] = -math.log(max(data.facts["mean_length"], 1.0))
+            if summary is not None:  # and, under DP, the mask head at the observation rates
+                rates = [summary.observation_rates[v] for v in data.facts["numeric_variables"]]
+                rates += [summary.observation_rates[v] for v in data.facts["categorical_variables"]]
+                logits = torch.logit(torch.tensor(rates, dtype=torch.float32))
+                components = seq.mask_head.n_components
+                seq.mask_net[-1].bias[components:] = logits.repeat(components)
         n = cohort.n_patients
         order = torch.randperm(n, generator=generator)
         n_val = int(round(n * self.validation_fraction))
@@ -409,7 +415,7 @@ class LSTMSynthesizer(Synthesizer):
         sequence_budget = (
             _PRIVATE_SEQUENCE_BUDGET
             if labelled
-            else 1 - _PRIVATE_SCALER_BUDGET - _PRIVATE_STATIC_BUDGET
+            else 1 - _PRIVATE_SUMMARY_BUDGET - _PRIVATE_STATIC_BUDGET
         )
         module, optimizer, loader = self._make_private(
             network, optimizer, loader, self.epochs, budget_fraction=sequence_budget
@@ -521,48 +527,63 @@ class LSTMSynthesizer(Synthesizer):
                 features = self._labeller_features(self._generate_patients(calibration, noise))
                 self.labeller_.calibrate(features)
 
-    def _private_value_histograms(
-        self, cohort: Cohort, generator: torch.Generator
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Noisy histograms of each numeric variable's values, for the value scaler under DP.
+    def _private_summary(self, cohort: Cohort, generator: torch.Generator) -> _PrivateSummary:
+        """What the model starts from under DP, released by one Gaussian mechanism on
+        ``_PRIVATE_SUMMARY_BUDGET`` of the budget: per numeric variable a histogram of its values
+        (each patient's share of observations per bin of the declared range, see
+        ``histogram_edges``), the mean stay length and each variable's observations per step.
 
-        Each patient contributes its share of observations per bin (bins of the declared range,
-        see ``histogram_edges``), summed over patients by the Gaussian mechanism on
-        ``_PRIVATE_SCALER_BUDGET`` of the budget. Scaled by the declared bounds alone, values
-        such as lactate (range 0-40, typical 1-3) start far from where the untrained heads put
-        them, and noisy gradients never bring them there (generated lactate averaged 15 mmol/L
-        at epsilon 10).
+        Scaled by the declared bounds alone, values such as lactate (range 0-40, typical 1-3)
+        start far from where the untrained heads put them, and noisy gradients never bring them
+        there (generated lactate averaged 15 mmol/L at epsilon 10); the value scaler is fitted on
+        these histograms instead. The length and rates start the stop and mask heads.
         """
         from synthmed.models.privacy import private_sum
 
         schema = cohort.schema
-        numeric = [v for v in schema.temporal_columns if schema[v].kind == "numeric"]
-        if not numeric:
-            return {}
         arrays = cohort.arrays
-        positions = [arrays.variables.index(v) for v in numeric]
+        variables = list(arrays.variables)
+        numeric = [v for v in variables if schema[v].kind == "numeric"]
+        max_length = self.max_length or _PRIVATE_MAX_LENGTH
+        inside = arrays.step_mask
+        if self.max_time is not None:
+            inside = inside & (arrays.times <= self.max_time)
+        inside = inside & (np.arange(arrays.max_length)[None, :] < max_length)
+        lengths = inside.sum(axis=1)
+        mask = arrays.mask & inside[..., None]
+        positions = [variables.index(v) for v in numeric]
         edges = [histogram_edges(schema[v], _SCALER_BINS) for v in numeric]
-        shares = patient_histograms(
-            arrays.values[:, :, positions], arrays.mask[:, :, positions], edges
+        shares = patient_histograms(arrays.values[:, :, positions], mask[:, :, positions], edges)
+        rows = np.concatenate(
+            [
+                shares.reshape(len(shares), -1),
+                (lengths / max_length)[:, None],
+                mask.sum(axis=1) / np.maximum(lengths, 1)[:, None],
+            ],
+            axis=1,
         )
-        # One patient's histograms have an L2 norm of at most sqrt(number of variables).
-        scale = math.sqrt(len(numeric))
+        # Each histogram has an L2 norm of at most 1, the other entries are in [0, 1].
+        scale = math.sqrt(len(numeric) + 1 + len(variables))
         sums, noise = private_sum(
-            self,
-            shares.reshape(len(shares), -1) / scale,
-            generator,
-            budget_fraction=_PRIVATE_SCALER_BUDGET,
+            self, rows / scale, generator, budget_fraction=_PRIVATE_SUMMARY_BUDGET
         )
-        sums = sums.reshape(len(numeric), _SCALER_BINS) * scale
+        sums, noise = sums * scale, noise * scale
+        n = len(rows)
+        counts = sums[: len(numeric) * _SCALER_BINS].reshape(len(numeric), _SCALER_BINS)
         # Bins below three noise deviations are dropped: kept, the noise in the many empty bins
         # would add a uniform floor of false mass and inflate the scale.
-        sums = np.where(sums > 3 * noise * scale, sums, 0.0)
+        counts = np.where(counts > 3 * noise, counts, 0.0)
         histograms = {}
-        for name, bounds, counts in zip(numeric, edges, sums, strict=True):
+        for name, bounds, weights in zip(numeric, edges, counts, strict=True):
             lower = float(schema[name].lower)
             middle = (np.log1p(bounds[:-1] - lower) + np.log1p(bounds[1:] - lower)) / 2
-            histograms[name] = (lower + np.expm1(middle), counts)
-        return histograms
+            histograms[name] = (lower + np.expm1(middle), weights)
+        tail = sums[len(numeric) * _SCALER_BINS :]
+        return _PrivateSummary(
+            histograms=histograms,
+            mean_length=float(np.clip(tail[0] / n, 1 / max_length, 1.0) * max_length),
+            observation_rates=dict(zip(variables, np.clip(tail[1:] / n, 0.01, 0.99), strict=True)),
+        )
 
     def _fit_labeller(
         self, cohort: Cohort, columns: list[str], rows: np.ndarray, generator: torch.Generator
@@ -987,6 +1008,15 @@ class LSTMSynthesizer(Synthesizer):
             self._install_labeller(labeller, list(config["labelled_columns"]))
 
 
+@dataclasses.dataclass
+class _PrivateSummary:
+    """The noisy summary a private fit starts from (see ``LSTMSynthesizer._private_summary``)."""
+
+    histograms: dict[str, tuple[np.ndarray, np.ndarray]]
+    mean_length: float
+    observation_rates: dict[str, float]
+
+
 def _widen(times: np.ndarray, values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """``times`` and ``values`` padded (0 and NaN) to ``steps`` steps."""
     extra = steps - times.shape[1]
@@ -1099,7 +1129,7 @@ def _prepare(
     quantize: bool,
     private: bool,
     device: torch.device,
-    value_histograms: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    summary: _PrivateSummary | None = None,
 ) -> _Prepared:
     """Everything training needs, computed once: encoders, the facts the model keeps (scales,
     grids, lengths: data-free under DP), and padded tensors with the step features."""
@@ -1136,8 +1166,8 @@ def _prepare(
     mask = ~np.isnan(values)
 
     static_encoder = StaticEncoder().fit(cohort.static, schema, from_bounds=private)
-    if value_histograms is not None:  # private: the scaler of noisy histograms
-        value_scaler = ValueScaler().fit_histograms(value_histograms, schema)
+    if summary is not None:  # private: the scaler of noisy histograms
+        value_scaler = ValueScaler().fit_histograms(summary.histograms, schema)
     else:
         value_scaler = ValueScaler().fit(arrays.values, schema, from_bounds=private)
 
@@ -1185,7 +1215,8 @@ def _prepare(
     if private:
         # Nothing the model keeps may depend on the patients: lengths and scales come from the
         # settings, not from the data.
-        longest, mean_length, truncated = max_length, max_length / 2, None
+        mean_length = summary.mean_length if summary is not None else max_length / 2
+        longest, truncated = max_length, None
         gap_scale = max_time / max_length if max_time else 1.0
     else:
         longest = int(lengths.max()) if len(lengths) else 0
