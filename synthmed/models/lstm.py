@@ -64,10 +64,10 @@ _PRIVATE_LEARNING_RATE = 1e-3
 #: Shares of epsilon (and delta) of the private phases: the static model, the sequence model,
 #: and (when the schema has a binary outcome) the outcome labeller and its prevalence count.
 #: Later phases are calibrated on the composition, so each reaches its cumulative share.
-_PRIVATE_SUMMARY_BUDGET = 0.05
+_PRIVATE_SUMMARY_BUDGET = 0.1
 _PRIVATE_STATIC_BUDGET = 0.2
 _PRIVATE_SEQUENCE_BUDGET = 0.3
-_PRIVATE_LABELLER_BUDGET = 0.4
+_PRIVATE_LABELLER_BUDGET = 0.35
 _PRIVATE_PREVALENCE_BUDGET = 0.05
 #: Bins of the private value histograms the value scaler is fitted on under DP.
 _SCALER_BINS = 32
@@ -569,16 +569,13 @@ class LSTMSynthesizer(Synthesizer):
         )
         sums, noise = sums * scale, noise * scale
         n = len(rows)
-        counts = sums[: len(numeric) * _SCALER_BINS].reshape(len(numeric), _SCALER_BINS)
+        n_bins = 2 * _SCALER_BINS - 1
+        counts = sums[: len(numeric) * n_bins].reshape(len(numeric), n_bins)
         # Bins below three noise deviations are dropped: kept, the noise in the many empty bins
         # would add a uniform floor of false mass and inflate the scale.
         counts = np.where(counts > 3 * noise, counts, 0.0)
-        histograms = {}
-        for name, bounds, weights in zip(numeric, edges, counts, strict=True):
-            lower = float(schema[name].lower)
-            middle = (np.log1p(bounds[:-1] - lower) + np.log1p(bounds[1:] - lower)) / 2
-            histograms[name] = (lower + np.expm1(middle), weights)
-        tail = sums[len(numeric) * _SCALER_BINS :]
+        histograms = dict(zip(numeric, zip(edges, counts, strict=True), strict=True))
+        tail = sums[len(numeric) * n_bins :]
         return _PrivateSummary(
             histograms=histograms,
             mean_length=float(np.clip(tail[0] / n, 1 / max_length, 1.0) * max_length),

@@ -164,9 +164,11 @@ class ValueScaler:
     def fit_histograms(
         self, histograms: Mapping[str, tuple[np.ndarray, np.ndarray]], schema: Schema
     ) -> ValueScaler:
-        """The same statistics as :meth:`fit`, from (bin centres, weights) histograms of the
-        numeric variables (e.g. noisy private ones; negative weights count as 0). A variable
-        whose histogram holds almost nothing gets the centre and scale of its declared bounds.
+        """The same statistics as :meth:`fit`, from (bin edges, weights) histograms of the
+        numeric variables (e.g. noisy private ones; negative weights count as 0). Each bin counts
+        as spread evenly over its width (in the scaled space), so one full bin still has a
+        spread. A variable whose histogram holds almost nothing gets the centre and scale of its
+        declared bounds.
         """
         variables = schema.temporal_columns
         self.schema_ = schema
@@ -177,18 +179,21 @@ class ValueScaler:
             column = schema[name]
             if column.kind != "numeric":
                 continue
-            centres, weights = histograms[name]
+            edges, weights = histograms[name]
             weights = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
             if weights.sum() < 1.0:
                 self.center_[j], self.scale_[j] = _bounds_center_scale(column)
                 continue
-            points = np.asarray(centres, dtype=np.float64)
-            self.log_[j] = points.min() >= 0 and _skewness(points, weights) > SKEW_FOR_LOG
+            edges = np.asarray(edges, dtype=np.float64)
+            middles = (edges[:-1] + edges[1:]) / 2
+            self.log_[j] = edges[0] >= 0 and _skewness(middles, weights) > SKEW_FOR_LOG
             if self.log_[j]:
-                points = np.log1p(points)
-            mean = np.average(points, weights=weights)
+                edges = np.log1p(edges)
+            middles, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+            mean = np.average(middles, weights=weights)
+            variance = np.average((middles - mean) ** 2 + widths**2 / 12, weights=weights)
             self.center_[j] = mean
-            self.scale_[j] = max(np.sqrt(np.average((points - mean) ** 2, weights=weights)), 1e-6)
+            self.scale_[j] = max(np.sqrt(variance), 1e-6)
         return self
 
     def transform(self, values: np.ndarray) -> np.ndarray:
@@ -246,12 +251,15 @@ def _skewness(values: np.ndarray, weights: np.ndarray | None = None) -> float:
 
 
 def histogram_edges(column: ColumnSchema, bins: int) -> np.ndarray:
-    """``bins + 1`` edges over a numeric column's declared range, evenly spaced in
-    ``log1p(value - lower)``: fine where clinical values crowd near the lower bound (lactate,
-    urine output), coarse in the far tail."""
+    """``2 * bins`` edges over a numeric column's declared range: the union of ``bins`` even
+    steps and ``bins`` even steps of ``log1p(value - lower)``, so fine both where clinical values
+    crowd near the lower bound (lactate, urine output) and across the range (temperature)."""
     _bounds_center_scale(column)  # both bounds declared, or a clear error
     lower, upper = float(column.lower), float(column.upper)
-    return lower + np.expm1(np.linspace(0.0, np.log1p(upper - lower), bins + 1))
+    fractions = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    linear = lower + fractions * (upper - lower)
+    logarithmic = lower + np.expm1(fractions * np.log1p(upper - lower))
+    return np.concatenate([[lower], np.sort(np.concatenate([linear, logarithmic])), [upper]])
 
 
 def patient_histograms(
