@@ -20,6 +20,7 @@ from synthmed.models.cgan import (
 )
 from synthmed.models.cgan_networks import STEP_PREFIX, Critic, Head, SequenceGenerator, summaries
 from synthmed.models.persistence import read_model_file, save_model_file
+from synthmed.models.privacy import privacy_details
 
 TINY = CGANConfig(
     static_noise_dim=4,
@@ -403,8 +404,9 @@ def test_sample_to_streams_a_dataset(fitted, tmp_path):
 def test_critic_and_loader_go_through_the_privacy_seam(cohort, monkeypatch):
     seen = {}
 
-    def spy(self, module, optimizer, data_loader, epochs):
+    def spy(self, module, optimizer, data_loader, epochs, budget_fraction=1.0):
         seen.update(module=module, optimizer=optimizer, loader=data_loader, epochs=epochs)
+        seen["budget_fraction"] = budget_fraction
         return module, optimizer, data_loader
 
     monkeypatch.setattr(CGANSynthesizer, "_make_private", spy)
@@ -414,7 +416,7 @@ def test_critic_and_loader_go_through_the_privacy_seam(cohort, monkeypatch):
     optimised = {id(p) for group in seen["optimizer"].param_groups for p in group["params"]}
     assert optimised == critic_parameters
     assert len(seen["loader"].dataset) == cohort.n_patients
-    assert seen["epochs"] == 1
+    assert seen["epochs"] == 1 and seen["budget_fraction"] == 1.0  # all of it without DP
     no_batchnorm = [m for m in seen["module"].modules() if "BatchNorm" in type(m).__name__]
     assert not no_batchnorm
 
@@ -425,6 +427,10 @@ def test_private_training_spends_at_most_the_budget_and_records_it(cohort):
     assert 0 < epsilon <= 3.0 + 1e-6
     assert delta < 1 / cohort.n_patients
     assert model.sample(4).metadata["epsilon"] == epsilon
+    # The critics, then the outcome labeller and the outcome's prevalence (see test_privacy).
+    shares = [p["budget_fraction"] for p in privacy_details(model)["phases"]]
+    assert shares == pytest.approx([0.6, 0.35, 0.05])
+    assert model.labelled_columns_ == ["In-hospital_death"]
     # No value grid is read from the data: only the schema's integer flag counts.
     numeric = [n for n in cohort.schema.columns if cohort.schema[n].kind == "numeric"]
     expected = {n: {"resolution": 1.0 if cohort.schema[n].integer else 0.0} for n in numeric}

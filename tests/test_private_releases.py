@@ -167,3 +167,30 @@ def test_private_summary_falls_back_to_the_bounds_when_noise_drowns_it(cohort):
     model = _private_lstm(0.05, epochs=1).fit(cohort.subset(cohort.ids[:60]))
     bounds = ValueScaler().fit(cohort.arrays.values, cohort.schema, from_bounds=True)
     np.testing.assert_allclose(model.value_scaler_.center_, bounds.center_)
+
+
+def test_private_cgan_draws_outcomes_from_its_labeller_too(cohort, tmp_path):
+    from synthmed.models.cgan import CGANConfig, CGANSynthesizer
+
+    small = CGANConfig(
+        static_hidden=16,
+        static_noise_dim=8,
+        lstm_hidden=16,
+        sequence_noise_dim=4,
+        critic_hidden=16,
+        step_embedding=4,
+        max_steps=24,
+    )
+    model = CGANSynthesizer(
+        config=small, epochs=1, batch_size=50, epsilon=8.0, device="cpu", verbose=False
+    ).fit(cohort)
+    assert model.labelled_columns_ == [OUTCOME]
+    assert model.privacy_spent[0] <= 8.0 * 1.01
+    sampled = model.sample(conditions=pd.DataFrame({OUTCOME: [1] * 20 + [None] * 200}), seed=0)
+    drawn = sampled.static[OUTCOME].to_numpy().astype(int)
+    assert (drawn[:20] == 1).all()
+    assert abs(drawn[20:].mean() - float(model.labeller_.prevalence[0])) < 0.1
+    loaded = load_synthesizer(model.save(tmp_path / "cgan.synthmed"))
+    again = loaded.sample(conditions=pd.DataFrame({OUTCOME: [1] * 20 + [None] * 200}), seed=0)
+    pd.testing.assert_frame_equal(sampled.static, again.static)
+    pd.testing.assert_frame_equal(sampled.events, again.events)

@@ -77,6 +77,7 @@ from synthmed.models.cgan_networks import (
     StaticGenerator,
     summaries,
 )
+from synthmed.models.outcome_labeller import OutcomeLabelling, labelled_columns
 from synthmed.models.transforms import StaticEncoder, ValueScaler
 from synthmed.models.value_grid import detect_resolution, frequent_values, put_on_grid
 from synthmed.schema import ColumnSchema, Schema
@@ -448,7 +449,14 @@ def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
     return np.repeat(mask, [h.width for h in heads], axis=-1).astype(np.float32)
 
 
-class CGANSynthesizer(Synthesizer):
+#: Shares of epsilon under DP when the schema has a binary outcome: the critics, the outcome
+#: labeller and its prevalence count (see ``outcome_labeller``); without one the critics get all.
+_PRIVATE_CRITIC_BUDGET = 0.6
+_PRIVATE_LABELLER_BUDGET = 0.35
+_PRIVATE_PREVALENCE_BUDGET = 0.05
+
+
+class CGANSynthesizer(OutcomeLabelling, Synthesizer):
     """Conditional recurrent GAN: static generator, LSTM sequence generator, WGAN-GP critics.
 
     Args:
@@ -594,6 +602,8 @@ class CGANSynthesizer(Synthesizer):
         config, device = self.config, self.device_
         layout = self._fit_layout(cohort)
         self._build(layout)
+        self.labeller_ = None
+        labelled = labelled_columns(cohort.schema) if self.epsilon is not None else []
         real_static = torch.as_tensor(layout.encoder.transform(cohort.static)).to(device)
         real_steps = layout.encode_steps(cohort).to(device)
         value_variable = self.generator_.sequence.value_variable
@@ -630,7 +640,11 @@ class CGANSynthesizer(Synthesizer):
         # Extra static updates reuse each batch: not accounted for by DP-SGD, so off under DP.
         static_rounds = config.static_critic_steps > 0 and self.epsilon is None
         critic, critic_optimizer, loader = self._make_private(
-            critic, critic_optimizer, loader, self.epochs
+            critic,
+            critic_optimizer,
+            loader,
+            self.epochs,
+            budget_fraction=_PRIVATE_CRITIC_BUDGET if labelled else 1.0,
         )
 
         rows: list[dict[str, Any]] = []
@@ -710,6 +724,14 @@ class CGANSynthesizer(Synthesizer):
                 self._save_checkpoint(epoch - 1, state, generator, {"noise": noise, "order": order})
         from synthmed.models.privacy import record_spent, releasable_history
 
+        if labelled:
+            labeller = self._fit_outcome_labeller(
+                cohort,
+                np.arange(n_patients),
+                generator,
+                labeller_budget=_PRIVATE_LABELLER_BUDGET,
+                prevalence_budget=_PRIVATE_PREVALENCE_BUDGET,
+            )
         record_spent(self)  # (epsilon, delta) into privacy_spent_; detaches Opacus (no-op w/o DP)
         # Under DP the critic's losses on real patients stay out of the fitted model; the
         # generator's loss (critic scores of generated patients) is post-processing.
@@ -719,6 +741,9 @@ class CGANSynthesizer(Synthesizer):
             public=PUBLIC_HISTORY_COLUMNS,
         )
         self.generator_.eval()
+        if labelled:
+            self._install_outcome_labeller(labeller.state_dict(), labelled)
+            self._calibrate_outcome_labeller(noise)
 
     @staticmethod
     def _critic_inputs(
@@ -923,6 +948,38 @@ class CGANSynthesizer(Synthesizer):
 
     @torch.no_grad()
     def _generate(self, conditions: pd.DataFrame, generator: torch.Generator) -> GeneratedBatch:
+        batch = self._generate_patients(conditions, generator)
+        if self.labeller_ is None:
+            return batch
+        return self._label_outcomes(batch, conditions, generator)
+
+    def _labeller_horizon(self) -> tuple[int, float]:
+        return self.layout_.n_steps, float(self.layout_.time_max)
+
+    def _redraw_static(
+        self, static: pd.DataFrame, columns: list[str], generator: torch.Generator
+    ) -> pd.DataFrame:
+        drawn, _ = self._draw(static, generator, with_sequences=False)
+        return drawn[columns]
+
+    def _generate_patients(
+        self, conditions: pd.DataFrame, generator: torch.Generator
+    ) -> GeneratedBatch:
+        static, sequences = self._draw(conditions, generator, with_sequences=True)
+        layout, schema = self.layout_, self.layout_.schema
+        width = max(times.shape[1] for times, _, _ in sequences)
+        times = np.concatenate([_pad(t, width, 0.0) for t, _, _ in sequences])
+        values = np.concatenate([_pad(v, width, np.nan) for _, v, _ in sequences])
+        lengths = np.concatenate([n for _, _, n in sequences])
+        for j, name in enumerate(layout.variables):
+            if schema[name].kind == "numeric":
+                values[..., j] = layout.to_grid(name, values[..., j], generator)
+        return GeneratedBatch(static, times, values, lengths)
+
+    def _draw(
+        self, conditions: pd.DataFrame, generator: torch.Generator, with_sequences: bool
+    ) -> tuple[pd.DataFrame, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """Static rows for ``conditions`` (given cells kept) and, if asked, their sequences."""
         layout, config, device = self.layout_, self.config, self.device_
         schema = layout.schema
         names = [block.name for block in layout.encoder.blocks_]
@@ -939,7 +996,8 @@ class CGANSynthesizer(Synthesizer):
                 condition, given_dims, given, generator, config.temperature
             )
             statics.append(static.cpu().numpy())
-            sequences.append(layout.decode_steps(self._sample_steps(static, generator)))
+            if with_sequences:
+                sequences.append(layout.decode_steps(self._sample_steps(static, generator)))
         static = layout.encoder.inverse(np.concatenate(statics))
         for name in names:
             if schema[name].kind == "numeric":
@@ -949,14 +1007,7 @@ class CGANSynthesizer(Synthesizer):
             given = conditions[name].notna().to_numpy()
             if given.any():
                 static[name] = _with_given(static[name], conditions[name], given, schema[name])
-        width = max(times.shape[1] for times, _, _ in sequences)
-        times = np.concatenate([_pad(t, width, 0.0) for t, _, _ in sequences])
-        values = np.concatenate([_pad(v, width, np.nan) for _, v, _ in sequences])
-        lengths = np.concatenate([n for _, _, n in sequences])
-        for j, name in enumerate(layout.variables):
-            if schema[name].kind == "numeric":
-                values[..., j] = layout.to_grid(name, values[..., j], generator)
-        return GeneratedBatch(static, times, values, lengths)
+        return static, sequences
 
     def _sample_steps(self, static: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Steps for a batch, state carried forward, stopping once every sequence has ended."""
@@ -983,10 +1034,13 @@ class CGANSynthesizer(Synthesizer):
 
     def _get_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors = {f"generator.{k}": v.cpu() for k, v in self.generator_.state_dict().items()}
-        return {"layout": self.layout_.to_dict()}, tensors
+        state = {"layout": self.layout_.to_dict()}
+        self._save_outcome_labeller(state, tensors)
+        return state, tensors
 
     def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self._build(_Layout.from_dict(config["layout"], self.schema_))
+        tensors = self._load_outcome_labeller(config, tensors)
         prefix = "generator."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.generator_.load_state_dict(state, strict=True)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from synthmed.cohort import Cohort
-from synthmed.encoding import category_codes, decode_codes
+from synthmed.encoding import category_codes
 from synthmed.errors import DataError
 from synthmed.models.base import GeneratedBatch, Synthesizer
 from synthmed.models.lstm_network import (
@@ -28,12 +28,7 @@ from synthmed.models.lstm_network import (
     StepFeatures,
     ValueCodec,
 )
-from synthmed.models.outcome_labeller import (
-    OutcomeFeatures,
-    OutcomeLabeller,
-    fit_labeller_privately,
-    labelled_columns,
-)
+from synthmed.models.outcome_labeller import OutcomeLabelling, labelled_columns
 from synthmed.models.static_model import (
     ConditionalStaticModel,
     columns_from_blocks,
@@ -71,12 +66,6 @@ _PRIVATE_LABELLER_BUDGET = 0.35
 _PRIVATE_PREVALENCE_BUDGET = 0.05
 #: Bins of the private value histograms the value scaler is fitted on under DP.
 _SCALER_BINS = 32
-#: Generated patients the outcome labeller's intercepts are calibrated on after a private fit.
-_CALIBRATION_PATIENTS = 2000
-#: Prefix of the outcome labeller's tensors in a saved model.
-_LABELLER_PREFIX = "labeller."
-#: Rounds of redrawing patients whose drawn outcome misses its condition before giving up.
-_MAX_LABEL_ROUNDS = 200
 #: Gradient norm clipping of non-private training (DP clips per patient instead).
 _CLIP_NORM = 5.0
 
@@ -175,7 +164,7 @@ class _Network(nn.Module):
 _COMPONENTS = ("static", "end", "gap", "mask", "values")
 
 
-class LSTMSynthesizer(Synthesizer):
+class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
     """Autoregressive generator: static attributes first, then the sequence step by step.
 
     Static attributes come from :class:`~synthmed.models.static_model.ConditionalStaticModel`,
@@ -513,19 +502,21 @@ class LSTMSynthesizer(Synthesizer):
         self.history_ = pd.DataFrame(history)
         self.labeller_ = None
         if labelled:
-            labeller = self._fit_labeller(cohort, labelled, train_rows.numpy(), generator)
+            labeller = self._fit_outcome_labeller(
+                cohort,
+                train_rows.numpy(),
+                generator,
+                labeller_budget=_PRIVATE_LABELLER_BUDGET,
+                prevalence_budget=_PRIVATE_PREVALENCE_BUDGET,
+            )
         if private:
             from synthmed.models.privacy import record_spent
 
             record_spent(self)
         self._install(network.state_dict(), device)
         if labelled:
-            self._install_labeller(labeller.state_dict(), labelled)
-            # Post-processing of the private model: its own patients set the intercept shift.
-            with torch.no_grad():
-                calibration = self._conditions_frame(_CALIBRATION_PATIENTS, None)
-                features = self._labeller_features(self._generate_patients(calibration, noise))
-                self.labeller_.calibrate(features)
+            self._install_outcome_labeller(labeller.state_dict(), labelled)
+            self._calibrate_outcome_labeller(noise)
 
     def _private_summary(self, cohort: Cohort, generator: torch.Generator) -> _PrivateSummary:
         """What the model starts from under DP, released by one Gaussian mechanism on
@@ -581,67 +572,6 @@ class LSTMSynthesizer(Synthesizer):
             mean_length=float(np.clip(tail[0] / n, 1 / max_length, 1.0) * max_length),
             observation_rates=dict(zip(variables, np.clip(tail[1:] / n, 0.01, 0.99), strict=True)),
         )
-
-    def _fit_labeller(
-        self, cohort: Cohort, columns: list[str], rows: np.ndarray, generator: torch.Generator
-    ) -> OutcomeLabeller:
-        """The private outcome labeller and its prevalence count, on the training patients."""
-        from synthmed.models.privacy import private_sum
-
-        features = OutcomeFeatures(self.schema_, self.max_length_, self._feature_time())
-        arrays = cohort.arrays
-        steps = min(arrays.max_length, self.max_length_)
-        values = np.where(arrays.mask, arrays.values, np.nan)[rows, :steps]
-        x = features.transform(
-            cohort.static.iloc[rows],
-            values,
-            arrays.times[rows, :steps],
-            np.minimum(arrays.lengths[rows], steps),
-        )
-        codes = np.stack(
-            [
-                category_codes(cohort.static[c].iloc[rows], self.schema_[c].categories)
-                for c in columns
-            ],
-            axis=1,
-        )
-        labels = np.where(codes < 0, np.nan, (codes == 1).astype(np.float64))
-        labeller = OutcomeLabeller(features.size, len(columns))
-        fit_labeller_privately(
-            labeller,
-            torch.as_tensor(x),
-            torch.as_tensor(labels, dtype=torch.float32),
-            generator,
-            functools.partial(self._make_private, budget_fraction=_PRIVATE_LABELLER_BUDGET),
-        )
-        # Positives and known labels of each outcome: one patient moves each sum by at most 1.
-        counts = np.concatenate([np.nan_to_num(labels), ~np.isnan(labels)], axis=1)
-        sums, _ = private_sum(
-            self,
-            counts / math.sqrt(counts.shape[1]),
-            generator,
-            budget_fraction=_PRIVATE_PREVALENCE_BUDGET,
-        )
-        sums = sums * math.sqrt(counts.shape[1])
-        positives, known = sums[: len(columns)], sums[len(columns) :]
-        prevalence = np.clip(positives / np.maximum(known, 1.0), 1e-4, 1 - 1e-4)
-        labeller.prevalence.copy_(torch.as_tensor(prevalence, dtype=torch.float32))
-        return labeller
-
-    def _feature_time(self) -> float:
-        return (
-            float(self.max_time_)
-            if self.max_time_
-            else float(self.facts_["gap_scale"] * self.max_length_)
-        )
-
-    def _install_labeller(self, state: dict[str, torch.Tensor], columns: list[str]) -> None:
-        features = OutcomeFeatures(self.schema_, self.max_length_, self._feature_time())
-        labeller = OutcomeLabeller(features.size, len(columns))
-        labeller.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True)
-        self.labeller_ = labeller.to(self.device_).eval()
-        self.labelled_columns_ = list(columns)
-        self._outcome_features = features
 
     def _build_network(self, private: bool) -> _Network:
         config, facts = self.config_, self.facts_
@@ -765,6 +695,22 @@ class LSTMSynthesizer(Synthesizer):
             return batch
         return self._label_outcomes(batch, conditions, generator)
 
+    def _labeller_horizon(self) -> tuple[int, float]:
+        time = self.max_time_ or self.facts_["gap_scale"] * self.max_length_
+        return self.max_length_, float(time)
+
+    def _redraw_static(
+        self, static: pd.DataFrame, columns: list[str], generator: torch.Generator
+    ) -> pd.DataFrame:
+        drawn = pd.concat(
+            [
+                self._draw_static(static.iloc[start : start + self.sample_batch_size], generator)
+                for start in range(0, len(static), self.sample_batch_size)
+            ],
+            ignore_index=True,
+        )
+        return drawn[columns]
+
     def _generate_patients(
         self, conditions: pd.DataFrame, generator: torch.Generator
     ) -> GeneratedBatch:
@@ -794,77 +740,6 @@ class LSTMSynthesizer(Synthesizer):
         encoded = torch.as_tensor(encoder.transform(conditions), device=self.device_)
         x = self.network_.static_model.sample(encoded, known, generator, self._static_bounds)
         return self._decode_static(x, conditions, generator)
-
-    def _labeller_features(self, batch: GeneratedBatch) -> torch.Tensor:
-        features = self._outcome_features.transform(
-            batch.static, batch.values, batch.times, batch.lengths
-        )
-        return torch.as_tensor(features, device=self.device_)
-
-    def _draw_outcome_codes(self, batch: GeneratedBatch, generator: torch.Generator) -> np.ndarray:
-        """``[N, k]`` codes (1: the positive category) drawn by the outcome labeller."""
-        probabilities = self.labeller_.probabilities(self._labeller_features(batch))
-        draws = torch.rand(probabilities.shape, generator=generator, device=self.device_)
-        return (draws < probabilities).cpu().numpy().astype(np.int64)
-
-    def _label_outcomes(
-        self, batch: GeneratedBatch, conditions: pd.DataFrame, generator: torch.Generator
-    ) -> GeneratedBatch:
-        """Draw the binary outcomes given each generated patient (see ``outcome_labeller``).
-
-        A patient whose drawn outcome misses its condition is generated again (its conditions
-        still given to the static and sequence models) until it matches, so conditioned patients
-        follow ``p(patient | outcome)`` of the model. The other outcome columns are then redrawn
-        by the static model given the patient's non-outcome attributes and drawn outcomes.
-        """
-        columns = self.labelled_columns_
-        wanted = np.stack(
-            [category_codes(conditions[c], self.schema_[c].categories) for c in columns], axis=1
-        )
-        codes = self._draw_outcome_codes(batch, generator)
-        static, times, values, lengths = batch.static, batch.times, batch.values, batch.lengths
-        missing = ((wanted >= 0) & (codes != wanted)).any(axis=1)
-        for _ in range(_MAX_LABEL_ROUNDS):
-            if not missing.any():
-                break
-            rows = np.flatnonzero(missing)
-            redo = self._generate_patients(conditions.iloc[rows].reset_index(drop=True), generator)
-            redo_codes = self._draw_outcome_codes(redo, generator)
-            hits = ~((wanted[rows] >= 0) & (redo_codes != wanted[rows])).any(axis=1)
-            take = rows[hits]
-            steps = max(times.shape[1], redo.times.shape[1])
-            times, values = _widen(times, values, steps)
-            redo_times, redo_values = _widen(redo.times, redo.values, steps)
-            times[take], values[take] = redo_times[hits], redo_values[hits]
-            lengths[take] = redo.lengths[hits]
-            replacement = redo.static.iloc[np.flatnonzero(hits)].set_axis(static.index[take])
-            static = pd.concat([static.drop(index=static.index[take]), replacement]).loc[
-                static.index
-            ]
-            codes[take] = redo_codes[hits]
-            missing[take] = False
-        if missing.any():
-            raise DataError(
-                f"{int(missing.sum())} patients still drew outcomes other than their conditions "
-                f"on {columns} after {_MAX_LABEL_ROUNDS} rounds: the outcome model gives those "
-                "conditions too small a probability for these patients"
-            )
-        static = static.copy()
-        for k, name in enumerate(columns):
-            static[name] = decode_codes(codes[:, k], self.schema_[name].categories)
-        others = [c for c in self.schema_.outcome_columns if c not in columns]
-        if others:
-            given = static.copy()
-            given[others] = conditions[others].to_numpy()
-            redrawn = pd.concat(
-                [
-                    self._draw_static(given.iloc[start : start + self.sample_batch_size], generator)
-                    for start in range(0, len(given), self.sample_batch_size)
-                ],
-                ignore_index=True,
-            )
-            static[others] = redrawn[others].to_numpy()
-        return GeneratedBatch(static=static, times=times, values=values, lengths=lengths)
 
     def _check_seen_categories(self, conditions: pd.DataFrame) -> None:
         for name, seen in self.facts_["seen_categories"].items():
@@ -970,10 +845,7 @@ class LSTMSynthesizer(Synthesizer):
             "best_epoch": self.best_epoch_,
         }
         tensors = {k: v.detach().cpu() for k, v in self.network_.state_dict().items()}
-        if self.labeller_ is not None:
-            state["labelled_columns"] = self.labelled_columns_
-            for name, tensor in self.labeller_.state_dict().items():
-                tensors[f"{_LABELLER_PREFIX}{name}"] = tensor.detach().cpu()
+        self._save_outcome_labeller(state, tensors)
         return state, tensors
 
     def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -992,17 +864,7 @@ class LSTMSynthesizer(Synthesizer):
         self.max_time_ = facts["max_time"]
         self.n_truncated_ = facts["n_truncated"]
         self.best_epoch_ = int(config["best_epoch"])
-        labeller = {
-            k.removeprefix(_LABELLER_PREFIX): v
-            for k, v in tensors.items()
-            if k.startswith(_LABELLER_PREFIX)
-        }
-        self._install(
-            {k: v for k, v in tensors.items() if not k.startswith(_LABELLER_PREFIX)}, self.device_
-        )
-        self.labeller_ = None
-        if config.get("labelled_columns"):
-            self._install_labeller(labeller, list(config["labelled_columns"]))
+        self._install(self._load_outcome_labeller(config, tensors), self.device_)
 
 
 @dataclasses.dataclass
@@ -1012,17 +874,6 @@ class _PrivateSummary:
     histograms: dict[str, tuple[np.ndarray, np.ndarray]]
     mean_length: float
     observation_rates: dict[str, float]
-
-
-def _widen(times: np.ndarray, values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``times`` and ``values`` padded (0 and NaN) to ``steps`` steps."""
-    extra = steps - times.shape[1]
-    if extra <= 0:
-        return times, values
-    return (
-        np.pad(times, ((0, 0), (0, extra))),
-        np.pad(values, ((0, 0), (0, extra), (0, 0)), constant_values=np.nan),
-    )
 
 
 class _LengthBatches(torch.utils.data.Sampler):

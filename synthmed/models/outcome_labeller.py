@@ -19,16 +19,23 @@ after training, shifts its intercepts so that the generated cohort has that prev
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from synthmed.encoding import category_codes
+from synthmed.encoding import category_codes, decode_codes
+from synthmed.errors import DataError
+from synthmed.models.base import GeneratedBatch
 from synthmed.schema import Schema
+
+if TYPE_CHECKING:
+    from synthmed.cohort import Cohort
 
 #: Numeric summaries of each temporal variable, scaled to [0, 1] by the variable's bounds.
 _LEVEL_STATS = ("mean", "min", "max", "first", "last")
@@ -219,3 +226,194 @@ def fit_labeller_privately(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+
+#: Generated patients the labeller's intercepts are calibrated on after a private fit.
+CALIBRATION_PATIENTS = 2000
+#: Rounds of redrawing patients whose drawn outcome misses its condition before giving up.
+MAX_LABEL_ROUNDS = 200
+#: Prefix of the labeller's tensors in a saved model.
+TENSOR_PREFIX = "labeller."
+
+
+class OutcomeLabelling:
+    """Mixin for a :class:`~synthmed.models.base.Synthesizer` whose private fit draws binary
+    outcomes with an :class:`OutcomeLabeller`.
+
+    The model implements ``_generate_patients(conditions, generator)`` (a ``GeneratedBatch``
+    without labelling), ``_redraw_static(static, columns, generator)`` (``columns`` drawn anew
+    given every other cell of ``static``, whose NaN cells are free) and ``_labeller_horizon()``
+    (``(max_length, max_time)`` of its sequences); it sets ``labeller_ = None`` at the start of
+    ``_fit`` and calls, under DP, :meth:`_fit_outcome_labeller` (before ``record_spent``), then
+    :meth:`_install_outcome_labeller` and :meth:`_calibrate_outcome_labeller` once it can
+    sample, and :meth:`_label_outcomes` in ``_generate``.
+    """
+
+    labeller_: OutcomeLabeller | None = None
+    labelled_columns_: list[str]
+
+    def _outcome_features(self) -> OutcomeFeatures:
+        max_length, max_time = self._labeller_horizon()
+        return OutcomeFeatures(self.schema_, max_length, max_time)
+
+    def _fit_outcome_labeller(
+        self,
+        cohort: Cohort,
+        rows: np.ndarray,
+        generator: torch.Generator,
+        *,
+        labeller_budget: float,
+        prevalence_budget: float,
+    ) -> OutcomeLabeller:
+        """Train the labeller on the patients ``rows`` of ``cohort`` and count each outcome's
+        prevalence, both privately on their shares of the budget (not installed yet)."""
+        from synthmed.models.privacy import private_sum
+
+        columns = labelled_columns(cohort.schema)
+        features = self._outcome_features()
+        arrays = cohort.arrays
+        steps = min(arrays.max_length, features.max_length)
+        x = features.transform(
+            cohort.static.iloc[rows],
+            np.where(arrays.mask, arrays.values, np.nan)[rows, :steps],
+            arrays.times[rows, :steps],
+            np.minimum(arrays.lengths[rows], steps),
+        )
+        codes = np.stack(
+            [
+                category_codes(cohort.static[c].iloc[rows], cohort.schema[c].categories)
+                for c in columns
+            ],
+            axis=1,
+        )
+        labels = np.where(codes < 0, np.nan, (codes == 1).astype(np.float64))
+        labeller = OutcomeLabeller(features.size, len(columns))
+        fit_labeller_privately(
+            labeller,
+            torch.as_tensor(x),
+            torch.as_tensor(labels, dtype=torch.float32),
+            generator,
+            functools.partial(self._make_private, budget_fraction=labeller_budget),
+        )
+        # Positives and known labels of each outcome: one patient moves each sum by at most 1.
+        counts = np.concatenate([np.nan_to_num(labels), ~np.isnan(labels)], axis=1)
+        scale = math.sqrt(counts.shape[1])
+        sums, _ = private_sum(self, counts / scale, generator, budget_fraction=prevalence_budget)
+        positives, known = sums[: len(columns)] * scale, sums[len(columns) :] * scale
+        prevalence = np.clip(positives / np.maximum(known, 1.0), 1e-4, 1 - 1e-4)
+        labeller.prevalence.copy_(torch.as_tensor(prevalence, dtype=torch.float32))
+        return labeller
+
+    def _install_outcome_labeller(self, state: dict[str, torch.Tensor], columns: list[str]) -> None:
+        features = self._outcome_features()
+        labeller = OutcomeLabeller(features.size, len(columns))
+        labeller.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, strict=True)
+        self.labeller_ = labeller.to(self.device_).eval()
+        self.labelled_columns_ = list(columns)
+
+    def _calibrate_outcome_labeller(self, generator: torch.Generator) -> None:
+        """Shift the intercepts so the model's own patients have the private prevalence
+        (post-processing: no real patient is looked at)."""
+        with torch.no_grad():
+            free = self._conditions_frame(CALIBRATION_PATIENTS, None)
+            batch = self._generate_patients(free, generator)
+            self.labeller_.calibrate(self._labeller_features(batch))
+
+    def _labeller_features(self, batch: GeneratedBatch) -> torch.Tensor:
+        features = self._outcome_features().transform(
+            batch.static, batch.values, batch.times, batch.lengths
+        )
+        return torch.as_tensor(features, device=self.device_)
+
+    def _draw_outcome_codes(self, batch: GeneratedBatch, generator: torch.Generator) -> np.ndarray:
+        """``[N, k]`` codes (1: the positive category) drawn by the labeller."""
+        probabilities = self.labeller_.probabilities(self._labeller_features(batch))
+        draws = torch.rand(probabilities.shape, generator=generator, device=self.device_)
+        return (draws < probabilities).cpu().numpy().astype(np.int64)
+
+    def _label_outcomes(
+        self, batch: GeneratedBatch, conditions: pd.DataFrame, generator: torch.Generator
+    ) -> GeneratedBatch:
+        """Draw the binary outcomes of each generated patient from the labeller.
+
+        A patient whose drawn outcome misses its condition is generated again (its conditions
+        still given to the model) until it matches, so conditioned patients follow the model's
+        ``p(patient | outcome)``. The other outcome columns are then redrawn given the patient's
+        other attributes and its drawn outcomes.
+        """
+        schema, columns = self.schema_, self.labelled_columns_
+        wanted = np.stack(
+            [category_codes(conditions[c], schema[c].categories) for c in columns], axis=1
+        )
+        codes = self._draw_outcome_codes(batch, generator)
+        static, times, values, lengths = batch.static, batch.times, batch.values, batch.lengths
+        missing = ((wanted >= 0) & (codes != wanted)).any(axis=1)
+        for _ in range(MAX_LABEL_ROUNDS):
+            if not missing.any():
+                break
+            rows = np.flatnonzero(missing)
+            redo = self._generate_patients(conditions.iloc[rows].reset_index(drop=True), generator)
+            redo_codes = self._draw_outcome_codes(redo, generator)
+            hits = ~((wanted[rows] >= 0) & (redo_codes != wanted[rows])).any(axis=1)
+            take = rows[hits]
+            steps = max(times.shape[1], redo.times.shape[1])
+            times, values = _widen(times, values, steps)
+            redo_times, redo_values = _widen(redo.times, redo.values, steps)
+            times[take], values[take] = redo_times[hits], redo_values[hits]
+            lengths[take] = redo.lengths[hits]
+            replacement = redo.static.iloc[np.flatnonzero(hits)].set_axis(static.index[take])
+            kept = static.drop(index=static.index[take])
+            static = pd.concat([kept, replacement]).loc[static.index]
+            codes[take] = redo_codes[hits]
+            missing[take] = False
+        if missing.any():
+            raise DataError(
+                f"{int(missing.sum())} patients still drew outcomes other than their conditions "
+                f"on {columns} after {MAX_LABEL_ROUNDS} rounds: the outcome model gives those "
+                "conditions too small a probability for these patients"
+            )
+        static = static.copy()
+        for k, name in enumerate(columns):
+            static[name] = decode_codes(codes[:, k], schema[name].categories)
+        others = [c for c in schema.outcome_columns if c not in columns]
+        if others:
+            given = static.copy()
+            given[others] = conditions[others].to_numpy()
+            static[others] = self._redraw_static(given, others, generator).to_numpy()
+        return GeneratedBatch(static=static, times=times, values=values, lengths=lengths)
+
+    def _save_outcome_labeller(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """Add the labeller (if any) to a model's saved state and tensors."""
+        if self.labeller_ is None:
+            return
+        state["labelled_columns"] = self.labelled_columns_
+        for name, tensor in self.labeller_.state_dict().items():
+            tensors[f"{TENSOR_PREFIX}{name}"] = tensor.detach().cpu()
+
+    def _load_outcome_labeller(
+        self, state: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Install the saved labeller (if any); returns the model's other tensors. Call once
+        ``_labeller_horizon`` can be answered."""
+        self.labeller_ = None
+        if state.get("labelled_columns"):
+            own = {
+                k.removeprefix(TENSOR_PREFIX): v
+                for k, v in tensors.items()
+                if k.startswith(TENSOR_PREFIX)
+            }
+            self._install_outcome_labeller(own, list(state["labelled_columns"]))
+        return {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
+
+
+def _widen(times: np.ndarray, values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``times`` and ``values`` padded (0 and NaN) to ``steps`` steps."""
+    extra = steps - times.shape[1]
+    if extra <= 0:
+        return times, values
+    return (
+        np.pad(times, ((0, 0), (0, extra))),
+        np.pad(values, ((0, 0), (0, extra), (0, 0)), constant_values=np.nan),
+    )
