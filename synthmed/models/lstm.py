@@ -532,8 +532,9 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
 
         Scaled by the declared bounds alone, values such as lactate (range 0-40, typical 1-3)
         start far from where the untrained heads put them, and noisy gradients never bring them
-        there (generated lactate averaged 15 mmol/L at epsilon 10); the value scaler is fitted on
-        these histograms instead. The length and rates start the stop and mask heads.
+        there (at epsilon 10 a generated patient's mean lactate sat on average at 39 % of the
+        declared range, a real one's at 3 %); the value scaler is fitted on these histograms
+        instead. The length and rates start the stop and mask heads.
         """
         from synthmed.models.privacy import private_sum
 

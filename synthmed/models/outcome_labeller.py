@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from torch import nn
 from synthmed.encoding import category_codes, decode_codes
 from synthmed.errors import DataError
 from synthmed.models.base import GeneratedBatch
+from synthmed.models.static_model import MakePrivate
 from synthmed.schema import Schema
 
 if TYPE_CHECKING:
@@ -180,9 +180,6 @@ class OutcomeLabeller(nn.Module):
                     else:
                         high = middle
                 self.shift[k] = (low + high) / 2
-
-
-MakePrivate = Callable[..., tuple[nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader]]
 
 
 def fit_labeller_privately(
