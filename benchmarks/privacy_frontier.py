@@ -64,7 +64,12 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=64, help="steps per stay (a setting)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=64,
+        help="steps per stay (LSTM max_length, CGAN max_steps)",
+    )
     parser.add_argument("--variables", default=DEFAULT_VARIABLES)
     parser.add_argument("--resample", default="1h", help="bin width, or 'none' for raw times")
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
@@ -91,7 +96,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from synthmed import Cohort
+    from synthmed import CGANSynthesizer, Cohort, LSTMSynthesizer
     from synthmed.datasets import load_physionet2012
     from synthmed.models.privacy import frontier_markdown, plot_privacy_frontier, privacy_sweep
 
@@ -119,10 +124,14 @@ def main() -> None:
         flush=True,
     )
     settings = {"epochs": args.epochs, "batch_size": args.batch_size, "device": "cpu"}
+    model_class = {"lstm": LSTMSynthesizer, "cgan": CGANSynthesizer}[args.model]
+    config = json.loads(args.config) if args.config else {}
     if args.model == "lstm":
         settings.update(validation_fraction=0.0, max_length=args.max_length)
-    if args.config:
-        settings["config"] = json.loads(args.config)
+    else:  # the CGAN's step budget is a config setting; under DP it is its sequence length
+        config.setdefault("max_steps", args.max_length)
+    if config:
+        settings["config"] = model_class.config_class(**config)
     if args.learning_rate is not None:
         settings["learning_rate"] = args.learning_rate
     if args.model == "lstm" and args.max_time > 0:

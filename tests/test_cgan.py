@@ -12,6 +12,7 @@ import torch
 from synthmed import Cohort, Schema, load_synthesizer
 from synthmed.datasets import simulate_cohort
 from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError
+from synthmed.models import cgan as cgan_module
 from synthmed.models.cgan import (
     HISTORY_COLUMNS,
     CGANConfig,
@@ -21,6 +22,7 @@ from synthmed.models.cgan import (
 from synthmed.models.cgan_networks import STEP_PREFIX, Critic, Head, SequenceGenerator, summaries
 from synthmed.models.persistence import read_model_file, save_model_file
 from synthmed.models.privacy import privacy_details
+from synthmed.models.private_summary import release_summary
 
 TINY = CGANConfig(
     static_noise_dim=4,
@@ -421,15 +423,36 @@ def test_critic_and_loader_go_through_the_privacy_seam(cohort, monkeypatch):
     assert not no_batchnorm
 
 
-def test_private_training_spends_at_most_the_budget_and_records_it(cohort):
-    model = tiny(epsilon=3.0, config=dataclasses.replace(TINY, max_steps=48)).fit(cohort)
+def test_private_training_spends_at_most_the_budget_and_records_it(cohort, monkeypatch):
+    released = []
+
+    def spy(synth, data, inside, max_length, generator, *, budget_fraction):
+        released.append((inside, max_length))
+        released.append(
+            release_summary(
+                synth, data, inside, max_length, generator, budget_fraction=budget_fraction
+            )
+        )
+        return released[-1]
+
+    monkeypatch.setattr(cgan_module, "release_summary", spy)
+    model = tiny(epsilon=3.0, config=dataclasses.replace(TINY, max_steps=6)).fit(cohort)
     epsilon, delta = model.privacy_spent
     assert 0 < epsilon <= 3.0 + 1e-6
     assert delta < 1 / cohort.n_patients
     assert model.sample(4).metadata["epsilon"] == epsilon
-    # The critics, then the outcome labeller and the outcome's prevalence (see test_privacy).
+    # The value histograms, the static and patient moments, the critics, then the outcome
+    # labeller and the outcome's prevalence (see test_privacy).
     shares = [p["budget_fraction"] for p in privacy_details(model)["phases"]]
-    assert shares == pytest.approx([0.6, 0.35, 0.05])
+    assert shares == pytest.approx([0.1, 0.05, 0.05, 0.4, 0.35, 0.05])
+    # The histograms cover the steps the model learns from, and the scaler is fitted on them.
+    (inside, max_length), summary = released
+    assert max_length == 6
+    np.testing.assert_array_equal(inside[:, :6], cohort.arrays.step_mask[:, :6])
+    assert not inside[:, 6:].any()
+    expected = summary.value_scaler(cohort.schema)
+    np.testing.assert_array_equal(model.layout_.scaler.center_, expected.center_)
+    np.testing.assert_array_equal(model.layout_.scaler.scale_, expected.scale_)
     assert model.labelled_columns_ == ["In-hospital_death"]
     # No value grid is read from the data: only the schema's integer flag counts.
     numeric = [n for n in cohort.schema.columns if cohort.schema[n].kind == "numeric"]

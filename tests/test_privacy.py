@@ -638,12 +638,15 @@ def test_our_generators_train_privately_and_keep_nothing_else_from_the_data(coho
         assert all(p["steps"] == p["epochs"] * round(1 / p["sample_rate"]) for p in phases)
     # Fitted on other patients (same schema and size), everything a model keeps besides its
     # weights (scalers, lengths, time scales, grids, categories) must be identical, except what
-    # is fitted on a release accounted in the budget: the LSTM's value scaler and mean length.
+    # is fitted on a release accounted in the budget: the value scaler (both models) and the
+    # LSTM's mean length.
     other = _our_generator(name, epsilon=3.0).fit(simulate_cohort(N_PATIENTS, seed=1))
     kept, kept_other = model._get_state()[0], other._get_state()[0]
     if name == "lstm":
         assert kept.pop("value_scaler") != kept_other.pop("value_scaler")
         assert kept["facts"].pop("mean_length") != kept_other["facts"].pop("mean_length")
+    else:
+        assert kept["layout"].pop("scaler") != kept_other["layout"].pop("scaler")
     assert json.dumps(kept, sort_keys=True, default=str) == json.dumps(
         kept_other, sort_keys=True, default=str
     )

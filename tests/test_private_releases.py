@@ -1,5 +1,6 @@
-"""What the private LSTM releases besides its SGD-trained weights: the summary it starts from
-(value histograms, mean length, observation rates) and the outcome labeller."""
+"""What the private generators release besides their SGD-trained weights: the summary they
+start from (value histograms, mean length, observation rates), the CGAN's static moments and the
+outcome labeller."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from synthmed import load_synthesizer
 from synthmed.datasets import simulate_cohort
+from synthmed.models.cgan_networks import STEP_PREFIX, summaries
 from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
 from synthmed.models.outcome_labeller import OutcomeFeatures, OutcomeLabeller, labelled_columns
 from synthmed.models.privacy import privacy_details
@@ -194,3 +196,75 @@ def test_private_cgan_draws_outcomes_from_its_labeller_too(cohort, tmp_path):
     again = loaded.sample(conditions=pd.DataFrame({OUTCOME: [1] * 20 + [None] * 200}), seed=0)
     pd.testing.assert_frame_equal(sampled.static, again.static)
     pd.testing.assert_frame_equal(sampled.events, again.events)
+
+
+def test_private_cgan_static_moments_are_bounded_and_recover_the_data(cohort):
+    from synthmed.models.cgan import CGANConfig, CGANSynthesizer
+
+    small = CGANConfig(
+        static_hidden=16,
+        static_noise_dim=8,
+        lstm_hidden=16,
+        sequence_noise_dim=4,
+        critic_hidden=16,
+        step_embedding=4,
+        max_steps=24,
+    )
+    model = CGANSynthesizer(
+        config=small, epochs=1, batch_size=50, epsilon=1e4, device="cpu", verbose=False
+    ).fit(cohort)
+    encoded = torch.as_tensor(model.layout_.encoder.transform(cohort.static))
+    rows = model._static_moments(encoded)
+    # The declared bounds bound each patient's row, so private_sum clips no real patient.
+    assert float(rows.norm(dim=1).max()) <= model._static_bound()
+    released = model._private_mean(
+        rows, model._static_bound(), 0.05, torch.Generator().manual_seed(0)
+    )
+    np.testing.assert_allclose(released.numpy(), rows.mean(0).numpy(), atol=0.02)
+    # Every block's share is there: the one-hot means of a categorical column sum to ~1.
+    icu = next(b for b in model.layout_.encoder.blocks_ if b.name == "ICUType")
+    assert float(released[icu.start : icu.start + icu.width].sum()) == pytest.approx(1, abs=0.03)
+
+
+def test_private_cgan_moment_targets_describe_the_real_patients(cohort, monkeypatch):
+    from synthmed.models.cgan import CGANConfig, CGANSynthesizer
+
+    captured = []
+    release = CGANSynthesizer._moment_targets
+
+    def spy(self, *args, **kwargs):
+        captured.append(release(self, *args, **kwargs))
+        return captured[-1]
+
+    monkeypatch.setattr(CGANSynthesizer, "_moment_targets", spy)
+    small = CGANConfig(
+        static_hidden=16,
+        static_noise_dim=8,
+        lstm_hidden=16,
+        sequence_noise_dim=4,
+        critic_hidden=16,
+        step_embedding=4,
+        max_steps=24,
+    )
+    model = CGANSynthesizer(
+        config=small, epochs=1, batch_size=50, epsilon=1e4, device="cpu", verbose=False
+    ).fit(cohort)
+    (targets,) = captured
+    assert targets.value_known.all()
+    layout, sequence = model.layout_, model.generator_.sequence
+    static = torch.as_tensor(layout.encoder.transform(cohort.static))
+    steps = layout.encode_steps(cohort)
+
+    def distance(steps):
+        patient = torch.cat([static, summaries(steps, sequence.value_variable)], 1)
+        return float(model._moment_distance((static, patient, steps), targets))
+
+    # The real patients, in the critics' input layout, sit on the released moments ...
+    near = distance(steps)
+    assert near < 0.1
+    # ... and values moved by half a scaled unit where observed are far from them.
+    start = STEP_PREFIX + sequence.n_variables
+    observed = steps[..., STEP_PREFIX:start][..., sequence.value_variable]
+    shifted = steps.clone()
+    shifted[..., start:] += 0.5 * observed
+    assert distance(shifted) > 10 * near

@@ -46,8 +46,9 @@ indices, so only they are trained with DP-SGD (``Synthesizer._make_private``); t
 from the critics' outputs on generated data and are covered by post-processing. Under DP the
 gradient penalty is taken between pairs of generated patients with the per-sample hooks off (no
 real data, so its gradient is added after per-patient clipping and noise at no privacy cost), the
-extra static critic updates (which would reuse a batch) are off, and the layout (encoder, scaler,
-gap scale, number of steps) comes from the schema's bounds and ``config.max_steps``, not the data,
+extra static critic updates (which would reuse a batch) are off, and the layout (encoder, gap
+scale, number of steps) comes from the schema's bounds and ``config.max_steps``, not the data;
+the value scaler is fitted on private value histograms (``private_summary``, 10 % of the budget),
 and values are rounded only where the schema marks a column ``integer``.
 Losses on real patients are dropped from ``history_`` (``privacy.releasable_history``).
 """
@@ -78,6 +79,7 @@ from synthmed.models.cgan_networks import (
     summaries,
 )
 from synthmed.models.outcome_labeller import OutcomeLabelling, labelled_columns
+from synthmed.models.private_summary import PrivateSummary, release_summary
 from synthmed.models.transforms import StaticEncoder, ValueScaler
 from synthmed.models.value_grid import detect_resolution, frequent_values, put_on_grid
 from synthmed.schema import ColumnSchema, Schema
@@ -449,9 +451,40 @@ def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
     return np.repeat(mask, [h.width for h in heads], axis=-1).astype(np.float32)
 
 
-#: Shares of epsilon under DP when the schema has a binary outcome: the critics, the outcome
-#: labeller and its prevalence count (see ``outcome_labeller``); without one the critics get all.
-_PRIVATE_CRITIC_BUDGET = 0.6
+#: Shares of epsilon under DP: the value histograms of the scaler (``private_summary``), the
+#: critics, and, when the schema has a binary outcome, the outcome labeller and its prevalence
+#: count (see ``outcome_labeller``); without one the critics get the rest.
+_PRIVATE_SUMMARY_BUDGET = 0.1
+_PRIVATE_STATIC_BUDGET = 0.05
+_PRIVATE_PATIENT_BUDGET = 0.05
+_PRIVATE_CRITIC_BUDGET = 0.4
+#: Weight of the distance between generated moments and the private ones (``_MomentTargets``).
+_MOMENT_WEIGHT = 10.0
+
+
+@dataclasses.dataclass
+class _MomentTargets:
+    """Moments of the real patients released under DP, which the generators match besides the
+    critics' scores (post-processing: no privacy cost). A critic trained with DP-SGD gives noisy
+    scores, and a generator that follows them alone drifts: at epsilon 10 one fit put every
+    patient's GCS near its maximum, another ended stays after a fifth of the real duration.
+
+    ``static`` and ``patient``: the means of ``CGANSynthesizer._static_moments`` and
+    ``_patient_moments`` (between-patient spread); ``mean_length``: steps per
+    stay; ``rates``: observations per step of each variable; ``value_mean`` and
+    ``value_square``: per value column, the mean over the patients observing it of their mean
+    (and mean square) scaled value, where ``value_known``.
+    """
+
+    static: torch.Tensor
+    patient: torch.Tensor
+    mean_length: float
+    rates: torch.Tensor
+    value_mean: torch.Tensor
+    value_square: torch.Tensor
+    value_known: torch.Tensor
+
+
 _PRIVATE_LABELLER_BUDGET = 0.35
 _PRIVATE_PREVALENCE_BUDGET = 0.05
 
@@ -549,11 +582,16 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         self._column_dims = layout.column_dims().to(self.device_)
         self._missing_dims = layout.missing_dims().to(self.device_)
 
-    def _fit_layout(self, cohort: Cohort) -> _Layout:
+    def _fit_layout(self, cohort: Cohort, summary: PrivateSummary | None) -> _Layout:
+        """The encoding of patients; under DP (``summary`` given) from the schema, the settings
+        and the private summary alone."""
         arrays = cohort.arrays
-        from_bounds = self.epsilon is not None
+        from_bounds = summary is not None
         encoder = StaticEncoder().fit(cohort.static, cohort.schema, from_bounds=from_bounds)
-        scaler = ValueScaler().fit(arrays.values, cohort.schema, from_bounds=from_bounds)
+        if summary is None:
+            scaler = ValueScaler().fit(arrays.values, cohort.schema)
+        else:
+            scaler = summary.value_scaler(cohort.schema)
         grids = self._fit_grids(cohort, learn=not from_bounds)
         if from_bounds:
             # Under DP nothing is read from the data outside the private critic: max_steps
@@ -600,14 +638,46 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         if not cohort.schema.temporal_columns:
             raise DataError("CGANSynthesizer needs at least one temporal variable")
         config, device = self.config, self.device_
-        layout = self._fit_layout(cohort)
+        summary = None
+        if self.epsilon is not None:
+            inside = cohort.arrays.step_mask
+            inside = inside & (np.arange(inside.shape[1])[None, :] < config.max_steps)
+            summary = release_summary(
+                self,
+                cohort,
+                inside,
+                config.max_steps,
+                generator,
+                budget_fraction=_PRIVATE_SUMMARY_BUDGET,
+            )
+        layout = self._fit_layout(cohort, summary)
         self._build(layout)
+        if summary is not None:
+            rates = [summary.observation_rates[v] for v in layout.variables]
+            self.generator_.sequence.start_at_rates(torch.tensor(rates))
         self.labeller_ = None
         labelled = labelled_columns(cohort.schema) if self.epsilon is not None else []
         real_static = torch.as_tensor(layout.encoder.transform(cohort.static)).to(device)
         real_steps = layout.encode_steps(cohort).to(device)
         value_variable = self.generator_.sequence.value_variable
         real_summaries = summaries(real_steps, value_variable)
+        targets = None
+        if summary is not None:
+            released = {
+                "static": self._private_mean(
+                    self._static_moments(real_static.cpu()),
+                    self._static_bound(),
+                    _PRIVATE_STATIC_BUDGET,
+                    generator,
+                ),
+                "patient": self._private_mean(
+                    self._patient_moments(torch.cat([real_static, real_summaries], 1).cpu()),
+                    self._patient_bound(),
+                    _PRIVATE_PATIENT_BUDGET,
+                    generator,
+                ),
+            }
+            targets = self._moment_targets(summary, released, device)
         n_patients = real_static.shape[0]
         noise = torch.Generator(device=device).manual_seed(_draw_seed(generator))
 
@@ -639,12 +709,18 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         static_critic = critic.static_critic
         # Extra static updates reuse each batch: not accounted for by DP-SGD, so off under DP.
         static_rounds = config.static_critic_steps > 0 and self.epsilon is None
+        critic_budget = 1.0
+        if self.epsilon is not None:
+            spent_before = (
+                _PRIVATE_SUMMARY_BUDGET + _PRIVATE_STATIC_BUDGET + _PRIVATE_PATIENT_BUDGET
+            )
+            critic_budget = _PRIVATE_CRITIC_BUDGET if labelled else 1.0 - spent_before
         critic, critic_optimizer, loader = self._make_private(
             critic,
             critic_optimizer,
             loader,
             self.epochs,
-            budget_fraction=_PRIVATE_CRITIC_BUDGET if labelled else 1.0,
+            budget_fraction=critic_budget,
         )
 
         rows: list[dict[str, Any]] = []
@@ -684,7 +760,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
                 n_batches += 1
                 if train_generator:
                     totals["generator_loss"] += self._generator_step(
-                        critic, generator_optimizer, fake
+                        critic, generator_optimizer, fake, targets
                     )
                     n_generator_steps += 1
                 if static_rounds:
@@ -744,6 +820,123 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         if labelled:
             self._install_outcome_labeller(labeller.state_dict(), labelled)
             self._calibrate_outcome_labeller(noise)
+
+    def _static_moments(self, static: torch.Tensor) -> torch.Tensor:
+        """Per patient: the encoded static vector and the squares of its numeric entries."""
+        numeric = [b.start for b in self.layout_.encoder.blocks_ if b.kind == "numeric"]
+        return torch.cat([static, static[:, numeric] ** 2], dim=1)
+
+    def _static_bound(self) -> float:
+        """A bound on a row of :meth:`_static_moments`: encoded from bounds, a number is within
+        +-2 (its square within 4), a one-hot block or a missing flag has norm 1."""
+        blocks = self.layout_.encoder.blocks_
+        n_numeric = sum(b.kind == "numeric" for b in blocks)
+        return math.sqrt(len(blocks) - n_numeric + 21 * n_numeric)
+
+    def _patient_moments(self, patient_inputs: torch.Tensor) -> torch.Tensor:
+        """Per patient (critic input ``[static, summaries]``): the mean and last observed scaled
+        value of each value column (0 if never observed) clipped to +-2; the stay's steps, end
+        time and mean log-gap as shares of their maxima; and the squares of all these."""
+        layout = self.layout_
+        v = self.generator_.sequence.n_variables
+        w = self.generator_.sequence.value_width
+        summary = patient_inputs[:, layout.encoder.width_ :]
+        mean, last = summary[:, 2 * v : 2 * v + w], summary[:, 2 * v + 5 * w : 2 * v + 6 * w]
+        values = torch.cat([mean, last], dim=1).clamp(-2.0, 2.0)
+        stay = torch.stack(
+            [
+                summary[:, -3] / math.log1p(layout.n_steps),
+                summary[:, -2],
+                summary[:, -1] / max(layout.max_log_gap, 1e-6),
+            ],
+            dim=1,
+        ).clamp(0.0, 1.0)
+        stats = torch.cat([values, stay], dim=1)
+        return torch.cat([stats, stats**2], dim=1)
+
+    def _patient_bound(self) -> float:
+        """A bound on a row of :meth:`_patient_moments`: ``sqrt(2**2 + 4**2)`` per value
+        statistic, ``sqrt(2)`` per stay statistic."""
+        return math.sqrt(2 * self.generator_.sequence.value_width * 20 + 3 * 2)
+
+    def _private_mean(
+        self, rows: torch.Tensor, bound: float, budget_fraction: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The mean of per-patient ``rows`` (each of norm at most ``bound``) by one Gaussian
+        mechanism (``privacy.private_sum``) on ``budget_fraction`` of the budget.
+
+        The static moments give the marginals of the categorical columns and missing flags and
+        the mean and spread of the numeric ones: a private static critic alone collapsed ICUType
+        onto one category (90 % of generated patients against 37 % real).
+        """
+        from synthmed.models.privacy import private_sum
+
+        sums, _ = private_sum(
+            self, rows.double().numpy() / bound, generator, budget_fraction=budget_fraction
+        )
+        return torch.as_tensor(sums * bound / len(rows), dtype=torch.float32)
+
+    def _moment_targets(
+        self, summary: PrivateSummary, released: dict[str, torch.Tensor], device: torch.device
+    ) -> _MomentTargets:
+        """The private releases as :class:`_MomentTargets`; a variable's value moments come from
+        its histogram (bin centres in the scaler's space), none where noise drowned it."""
+        layout, sequence = self.layout_, self.generator_.sequence
+        variables = layout.variables
+        value_mean = torch.zeros(sequence.value_width)
+        value_square = torch.zeros(sequence.value_width)
+        known = torch.zeros(sequence.value_width, dtype=torch.bool)
+        for column, j in enumerate(sequence.value_variable.tolist()):
+            histogram = summary.histograms.get(variables[j])
+            if not sequence.numeric_value[column] or histogram is None:
+                continue
+            edges, weights = histogram
+            weights = np.clip(weights, 0.0, None)
+            if weights.sum() < 1.0:
+                continue
+            centres = np.zeros((len(weights), len(variables)), dtype=np.float32)
+            centres[:, j] = (edges[:-1] + edges[1:]) / 2
+            scaled = layout.scaler.transform(centres)[:, j].astype(np.float64)
+            value_mean[column] = float(np.average(scaled, weights=weights))
+            value_square[column] = float(np.average(scaled**2, weights=weights))
+            known[column] = True
+        rates = torch.tensor([summary.observation_rates[v] for v in variables], dtype=torch.float32)
+        return _MomentTargets(
+            released["static"].to(device),
+            released["patient"].to(device),
+            summary.mean_length,
+            rates.to(device),
+            value_mean.to(device),
+            value_square.to(device),
+            known.to(device),
+        )
+
+    def _moment_distance(
+        self, fake: tuple[torch.Tensor, ...], targets: _MomentTargets
+    ) -> torch.Tensor:
+        """Squared distance between the moments of generated patients (critic inputs ``fake``)
+        and ``targets``; lengths as shares of ``n_steps``."""
+        layout, sequence = self.layout_, self.generator_.sequence
+        static = fake[0][:, : layout.encoder.width_]
+        distance = (self._static_moments(static).mean(0) - targets.static).pow(2).sum()
+        patient = self._patient_moments(fake[1]).mean(0)
+        distance = distance + (patient - targets.patient).pow(2).sum()
+        steps, v = fake[2], sequence.n_variables
+        length = steps[..., 2].sum(1)
+        mask = steps[..., STEP_PREFIX : STEP_PREFIX + v]
+        rates = (mask.sum(1) / length.clamp_min(1.0)[:, None]).mean(0)
+        distance = distance + ((length.mean() - targets.mean_length) / layout.n_steps) ** 2
+        distance = distance + (rates - targets.rates).pow(2).sum()
+        column_mask = mask[..., sequence.value_variable]
+        values = steps[..., STEP_PREFIX + v :]
+        count = column_mask.sum(1)
+        seen = (count > 0.5).to(values.dtype)
+        n_seen = seen.sum(0).clamp_min(1.0)
+        mean = (seen * (column_mask * values).sum(1) / count.clamp_min(1.0)).sum(0) / n_seen
+        square = (seen * (column_mask * values**2).sum(1) / count.clamp_min(1.0)).sum(0) / n_seen
+        known = targets.value_known
+        distance = distance + (mean - targets.value_mean)[known].pow(2).sum()
+        return distance + (square - targets.value_square)[known].pow(2).sum()
 
     @staticmethod
     def _critic_inputs(
@@ -927,7 +1120,10 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         critic: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         fake: tuple[torch.Tensor, ...],
+        targets: _MomentTargets | None,
     ) -> float:
+        """One generator update; under DP the generated moments are also pulled towards the
+        private ones (``targets``)."""
         for parameter in critic.parameters():
             parameter.requires_grad_(False)
         private = self.epsilon is not None
@@ -936,6 +1132,8 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         optimizer.zero_grad(set_to_none=True)
         score_s, score_p = critic(*fake)
         loss = -(self.config.static_weight * score_s.mean() + score_p.mean())
+        if targets is not None:
+            loss = loss + _MOMENT_WEIGHT * self._moment_distance(fake, targets)
         loss.backward()
         optimizer.step()
         if private:

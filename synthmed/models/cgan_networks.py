@@ -331,6 +331,16 @@ class SequenceGenerator(nn.Module):
         with torch.no_grad():
             self.out.bias.view(steps_per_cell, self.step_outputs)[:, 1] = -7.0
 
+    def start_at_rates(self, observation_rates: torch.Tensor) -> None:
+        """Start each variable's observation logits at ``observation_rates`` (per step, ``[V]``
+        in (0, 1); under DP released by ``private_summary``): a private critic's noisy
+        gradients alone left MAP charted at 4 % of steps against 40 % in PhysioNet 2012."""
+        with torch.no_grad():
+            logits = torch.logit(observation_rates.to(self.out.bias))
+            self.out.bias.view(self.steps_per_cell, self.step_outputs)[
+                :, 2 : 2 + self.n_variables
+            ] = logits
+
     def start(
         self, static: torch.Tensor, generator: torch.Generator, temperature: float
     ) -> tuple[torch.Tensor, Carry]:

@@ -29,18 +29,14 @@ from synthmed.models.lstm_network import (
     ValueCodec,
 )
 from synthmed.models.outcome_labeller import OutcomeLabelling, labelled_columns
+from synthmed.models.private_summary import PrivateSummary, release_summary
 from synthmed.models.static_model import (
     ConditionalStaticModel,
     columns_from_blocks,
     fit_static_model,
     fit_static_model_privately,
 )
-from synthmed.models.transforms import (
-    StaticEncoder,
-    ValueScaler,
-    histogram_edges,
-    patient_histograms,
-)
+from synthmed.models.transforms import StaticEncoder, ValueScaler
 from synthmed.models.value_grid import (
     ON_GRID,
     detect_resolution,
@@ -64,8 +60,6 @@ _PRIVATE_STATIC_BUDGET = 0.2
 _PRIVATE_SEQUENCE_BUDGET = 0.3
 _PRIVATE_LABELLER_BUDGET = 0.35
 _PRIVATE_PREVALENCE_BUDGET = 0.05
-#: Bins of the private value histograms the value scaler is fitted on under DP.
-_SCALER_BINS = 32
 #: Gradient norm clipping of non-private training (DP clips per patient instead).
 _CLIP_NORM = 5.0
 
@@ -524,60 +518,19 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             self._install_outcome_labeller(labeller.state_dict(), labelled)
             self._calibrate_outcome_labeller(noise)
 
-    def _private_summary(self, cohort: Cohort, generator: torch.Generator) -> _PrivateSummary:
-        """What the model starts from under DP, released by one Gaussian mechanism on
-        ``_PRIVATE_SUMMARY_BUDGET`` of the budget: per numeric variable a histogram of its values
-        (each patient's share of observations per bin of the declared range, see
-        ``histogram_edges``), the mean stay length and each variable's observations per step.
-
-        Scaled by the declared bounds alone, values such as lactate (range 0-40, typical 1-3)
-        start far from where the untrained heads put them, and noisy gradients never bring them
-        there (at epsilon 10 a generated patient's mean lactate sat on average at 39 % of the
-        declared range, a real one's at 3 %); the value scaler is fitted on these histograms
-        instead. The length and rates start the stop and mask heads.
-        """
-        from synthmed.models.privacy import private_sum
-
-        schema = cohort.schema
+    def _private_summary(self, cohort: Cohort, generator: torch.Generator) -> PrivateSummary:
+        """What the model starts from under DP (``private_summary.release_summary`` on
+        ``_PRIVATE_SUMMARY_BUDGET`` of the budget, over the steps it learns from): the value
+        scaler is fitted on the histograms, and the length and rates start the stop and mask
+        heads."""
         arrays = cohort.arrays
-        variables = list(arrays.variables)
-        numeric = [v for v in variables if schema[v].kind == "numeric"]
         max_length = self.max_length or _PRIVATE_MAX_LENGTH
         inside = arrays.step_mask
         if self.max_time is not None:
             inside = inside & (arrays.times <= self.max_time)
         inside = inside & (np.arange(arrays.max_length)[None, :] < max_length)
-        lengths = inside.sum(axis=1)
-        mask = arrays.mask & inside[..., None]
-        positions = [variables.index(v) for v in numeric]
-        edges = [histogram_edges(schema[v], _SCALER_BINS) for v in numeric]
-        shares = patient_histograms(arrays.values[:, :, positions], mask[:, :, positions], edges)
-        rows = np.concatenate(
-            [
-                shares.reshape(len(shares), -1),
-                (lengths / max_length)[:, None],
-                mask.sum(axis=1) / np.maximum(lengths, 1)[:, None],
-            ],
-            axis=1,
-        )
-        # Each histogram has an L2 norm of at most 1, the other entries are in [0, 1].
-        scale = math.sqrt(len(numeric) + 1 + len(variables))
-        sums, noise = private_sum(
-            self, rows / scale, generator, budget_fraction=_PRIVATE_SUMMARY_BUDGET
-        )
-        sums, noise = sums * scale, noise * scale
-        n = len(rows)
-        n_bins = 2 * _SCALER_BINS - 1
-        counts = sums[: len(numeric) * n_bins].reshape(len(numeric), n_bins)
-        # Bins below three noise deviations are dropped: kept, the noise in the many empty bins
-        # would add a uniform floor of false mass and inflate the scale.
-        counts = np.where(counts > 3 * noise, counts, 0.0)
-        histograms = dict(zip(numeric, zip(edges, counts, strict=True), strict=True))
-        tail = sums[len(numeric) * n_bins :]
-        return _PrivateSummary(
-            histograms=histograms,
-            mean_length=float(np.clip(tail[0] / n, 1 / max_length, 1.0) * max_length),
-            observation_rates=dict(zip(variables, np.clip(tail[1:] / n, 0.01, 0.99), strict=True)),
+        return release_summary(
+            self, cohort, inside, max_length, generator, budget_fraction=_PRIVATE_SUMMARY_BUDGET
         )
 
     def _build_network(self, private: bool) -> _Network:
@@ -874,15 +827,6 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         self._install(self._load_outcome_labeller(config, tensors), self.device_)
 
 
-@dataclasses.dataclass
-class _PrivateSummary:
-    """The noisy summary a private fit starts from (see ``LSTMSynthesizer._private_summary``)."""
-
-    histograms: dict[str, tuple[np.ndarray, np.ndarray]]
-    mean_length: float
-    observation_rates: dict[str, float]
-
-
 class _LengthBatches(torch.utils.data.Sampler):
     """Minibatches of patients of similar length, in random order (each patient once per epoch).
 
@@ -984,7 +928,7 @@ def _prepare(
     quantize: bool,
     private: bool,
     device: torch.device,
-    summary: _PrivateSummary | None = None,
+    summary: PrivateSummary | None = None,
 ) -> _Prepared:
     """Everything training needs, computed once: encoders, the facts the model keeps (scales,
     grids, lengths: data-free under DP), and padded tensors with the step features."""
@@ -1022,7 +966,7 @@ def _prepare(
 
     static_encoder = StaticEncoder().fit(cohort.static, schema, from_bounds=private)
     if summary is not None:  # private: the scaler of noisy histograms
-        value_scaler = ValueScaler().fit_histograms(summary.histograms, schema)
+        value_scaler = summary.value_scaler(schema)
     else:
         value_scaler = ValueScaler().fit(arrays.values, schema, from_bounds=private)
 
