@@ -565,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
         sweep.add_argument("--holdout", type=_fraction, default=0.3, metavar="FRACTION")
         sweep.add_argument("--epochs", type=_positive_int, metavar="N")
         sweep.add_argument("--max-time", type=_positive_float, metavar="T", help=MAX_TIME_HELP)
+        sweep.add_argument(
+            "--max-length",
+            type=_positive_int,
+            metavar="N",
+            help="steps per stay (the LSTM's max_length, the CGAN's config.max_steps); under DP "
+            "the data's longest stay is never read, so set it to the length you need",
+        )
         sweep.add_argument("--seed", type=int, default=0, metavar="S")
         sweep.add_argument("--fast", action="store_true", help="skip the recurrent discriminator")
         _add_data_options(sweep)
@@ -1100,16 +1107,28 @@ def _share(args: argparse.Namespace) -> int:
     return 0
 
 
-def _privacy_sweep(args: argparse.Namespace) -> int:
-    from synthmed.models.privacy import plot_privacy_frontier, privacy_sweep
-
-    cohort = load_cohort(args.data, **_data_kwargs(args))
-    train, holdout = cohort.split(test_size=args.holdout, seed=args.seed)
+def _sweep_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The constructor settings ``privacy-sweep`` gives every fit."""
     settings = {
         key: getattr(args, key) for key in ("epochs", "max_time") if getattr(args, key) is not None
     }
     if "max_time" in settings and args.model != "lstm":
         raise UsageError(f"--max-time does not apply to the {args.model} model")
+    if args.max_length is not None and args.model == "lstm":
+        settings["max_length"] = args.max_length
+    elif args.max_length is not None:
+        from synthmed.models.cgan import CGANConfig
+
+        settings["config"] = CGANConfig(max_steps=args.max_length)
+    return settings
+
+
+def _privacy_sweep(args: argparse.Namespace) -> int:
+    from synthmed.models.privacy import plot_privacy_frontier, privacy_sweep
+
+    settings = _sweep_settings(args)
+    cohort = load_cohort(args.data, **_data_kwargs(args))
+    train, holdout = cohort.split(test_size=args.holdout, seed=args.seed)
     out = Path(args.out)
     frame = privacy_sweep(
         train,

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 from synthmed import Cohort, load_synthesizer
+from synthmed.cli import _sweep_settings, build_parser
 from synthmed.datasets import simulate_cohort
+from synthmed.models.cgan import CGANConfig
 
 COMMANDS = ("demo", "fit", "sample", "evaluate", "benchmark", "share", "privacy-sweep")
 #: One thread per process: several test processes share few cores, and oversubscribed OpenMP
@@ -351,3 +353,17 @@ def test_fit_writes_checkpoints_and_resumes_them(work):
     refused = synthmed(*common[:3], "gaussian-copula", *common[4:], "--out", work / "gc.synthmed")
     assert refused.returncode == 2 and "checkpoints" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [("lstm", {"max_length": 48}), ("cgan", {"config": CGANConfig(max_steps=48)})],
+)
+def test_privacy_sweep_sets_each_models_stay_length(model, expected):
+    parser = build_parser()
+    args = parser.parse_args(
+        ["privacy-sweep", "data.csv", "--out", "o", "--model", model, "--max-length", "48"]
+    )
+    assert _sweep_settings(args) == expected
+    bare = parser.parse_args(["privacy-sweep", "data.csv", "--out", "o", "--model", model])
+    assert _sweep_settings(bare) == {}
