@@ -268,3 +268,8 @@ def test_private_cgan_moment_targets_describe_the_real_patients(cohort, monkeypa
     shifted = steps.clone()
     shifted[..., start:] += 0.5 * observed
     assert distance(shifted) > 10 * near
+    # So are stays whose gaps are all in one step, though their mean log-gap is the real one.
+    lumped = steps.clone()
+    lumped[..., 0] = 0.0
+    lumped[:, 1, 0] = steps[..., 0].sum(1)
+    assert distance(lumped) > 10 * near
