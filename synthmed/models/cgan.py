@@ -680,6 +680,9 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
                 ),
             }
             targets = self._moment_targets(summary, released, device)
+            end_time, log_gap = self._released_stay(targets)
+            window = end_time + math.expm1(log_gap) * layout.gap_scale / layout.time_max
+            self.generator_.sequence.start_at_stay(window, log_gap)
         n_patients = real_static.shape[0]
         noise = torch.Generator(device=device).manual_seed(_draw_seed(generator))
 
@@ -864,6 +867,13 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         ).clamp(0.0, 1.0)
         stats = torch.cat([values, stay], dim=1)
         return torch.cat([stats, stats**2], dim=1)
+
+    def _released_stay(self, targets: _MomentTargets) -> tuple[float, float]:
+        """The released mean end time (share of the horizon) and mean log-gap of a stay, read
+        from ``targets.patient`` (laid out by :meth:`_patient_moments`)."""
+        at = 2 * self.generator_.sequence.value_width
+        end_time, gap_share = targets.patient[at + 1 : at + 3].tolist()
+        return end_time, gap_share * self.layout_.max_log_gap
 
     def _patient_bound(self) -> float:
         """A bound on a row of :meth:`_patient_moments`: ``sqrt(2**2 + 4**2)`` per value

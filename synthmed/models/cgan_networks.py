@@ -23,6 +23,7 @@ for them.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -340,6 +341,16 @@ class SequenceGenerator(nn.Module):
             self.out.bias.view(self.steps_per_cell, self.step_outputs)[
                 :, 2 : 2 + self.n_variables
             ] = logits
+
+    def start_at_stay(self, window: float, log_gap: float) -> None:
+        """Start every patient's observation window at ``window`` (a share of the horizon) and
+        every gap output at ``log_gap`` (the gap head's log space); under DP from released
+        moments, where the horizon is ``max_steps`` time units rather than the data's longest
+        stay, so the default start (98 % of it) is far from where real stays end."""
+        with torch.no_grad():
+            window = min(max(window, 0.05), 0.99)
+            self.scale.bias[3 * self.value_width] = math.log(window / (1 - window))
+            self.out.bias.view(self.steps_per_cell, self.step_outputs)[:, 0] = log_gap
 
     def start(
         self, static: torch.Tensor, generator: torch.Generator, temperature: float
