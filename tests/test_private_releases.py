@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from synthmed import load_synthesizer
 from synthmed.datasets import simulate_cohort
+from synthmed.models.cgan import CGANConfig, CGANSynthesizer
 from synthmed.models.cgan_networks import STEP_PREFIX, summaries
 from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
 from synthmed.models.outcome_labeller import OutcomeFeatures, OutcomeLabeller, labelled_columns
@@ -171,9 +172,7 @@ def test_private_summary_falls_back_to_the_bounds_when_noise_drowns_it(cohort):
     np.testing.assert_allclose(model.value_scaler_.center_, bounds.center_)
 
 
-def test_private_cgan_draws_outcomes_from_its_labeller_too(cohort, tmp_path):
-    from synthmed.models.cgan import CGANConfig, CGANSynthesizer
-
+def _private_cgan(epsilon: float) -> CGANSynthesizer:
     small = CGANConfig(
         static_hidden=16,
         static_noise_dim=8,
@@ -183,9 +182,13 @@ def test_private_cgan_draws_outcomes_from_its_labeller_too(cohort, tmp_path):
         step_embedding=4,
         max_steps=24,
     )
-    model = CGANSynthesizer(
-        config=small, epochs=1, batch_size=50, epsilon=8.0, device="cpu", verbose=False
-    ).fit(cohort)
+    return CGANSynthesizer(
+        config=small, epochs=1, batch_size=50, epsilon=epsilon, device="cpu", verbose=False
+    )
+
+
+def test_private_cgan_draws_outcomes_from_its_labeller_too(cohort, tmp_path):
+    model = _private_cgan(8.0).fit(cohort)
     assert model.labelled_columns_ == [OUTCOME]
     assert model.privacy_spent[0] <= 8.0 * 1.01
     sampled = model.sample(conditions=pd.DataFrame({OUTCOME: [1] * 20 + [None] * 200}), seed=0)
@@ -199,20 +202,7 @@ def test_private_cgan_draws_outcomes_from_its_labeller_too(cohort, tmp_path):
 
 
 def test_private_cgan_static_moments_are_bounded_and_recover_the_data(cohort):
-    from synthmed.models.cgan import CGANConfig, CGANSynthesizer
-
-    small = CGANConfig(
-        static_hidden=16,
-        static_noise_dim=8,
-        lstm_hidden=16,
-        sequence_noise_dim=4,
-        critic_hidden=16,
-        step_embedding=4,
-        max_steps=24,
-    )
-    model = CGANSynthesizer(
-        config=small, epochs=1, batch_size=50, epsilon=1e4, device="cpu", verbose=False
-    ).fit(cohort)
+    model = _private_cgan(1e4).fit(cohort)
     encoded = torch.as_tensor(model.layout_.encoder.transform(cohort.static))
     rows = model._static_moments(encoded)
     # The declared bounds bound each patient's row, so private_sum clips no real patient.
@@ -227,8 +217,6 @@ def test_private_cgan_static_moments_are_bounded_and_recover_the_data(cohort):
 
 
 def test_private_cgan_moment_targets_describe_the_real_patients(cohort, monkeypatch):
-    from synthmed.models.cgan import CGANConfig, CGANSynthesizer
-
     captured = []
     release = CGANSynthesizer._moment_targets
 
@@ -237,18 +225,7 @@ def test_private_cgan_moment_targets_describe_the_real_patients(cohort, monkeypa
         return captured[-1]
 
     monkeypatch.setattr(CGANSynthesizer, "_moment_targets", spy)
-    small = CGANConfig(
-        static_hidden=16,
-        static_noise_dim=8,
-        lstm_hidden=16,
-        sequence_noise_dim=4,
-        critic_hidden=16,
-        step_embedding=4,
-        max_steps=24,
-    )
-    model = CGANSynthesizer(
-        config=small, epochs=1, batch_size=50, epsilon=1e4, device="cpu", verbose=False
-    ).fit(cohort)
+    model = _private_cgan(1e4).fit(cohort)
     (targets,) = captured
     assert targets.value_known.all()
     layout, sequence = model.layout_, model.generator_.sequence

@@ -451,13 +451,16 @@ def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
     return np.repeat(mask, [h.width for h in heads], axis=-1).astype(np.float32)
 
 
-#: Shares of epsilon under DP: the value histograms of the scaler (``private_summary``), the
-#: critics, and, when the schema has a binary outcome, the outcome labeller and its prevalence
-#: count (see ``outcome_labeller``); without one the critics get the rest.
+#: Shares of epsilon under DP: the value histograms (``private_summary``), the static and the
+#: patient moments (``_MomentTargets``), the critics, and, when the schema has a binary outcome,
+#: the outcome labeller and its prevalence count (see ``outcome_labeller``); without one the
+#: critics get the rest.
 _PRIVATE_SUMMARY_BUDGET = 0.1
 _PRIVATE_STATIC_BUDGET = 0.05
 _PRIVATE_PATIENT_BUDGET = 0.05
 _PRIVATE_CRITIC_BUDGET = 0.4
+_PRIVATE_LABELLER_BUDGET = 0.35
+_PRIVATE_PREVALENCE_BUDGET = 0.05
 #: Weight of the distance between generated moments and the private ones (``_MomentTargets``).
 _MOMENT_WEIGHT = 10.0
 
@@ -467,7 +470,7 @@ class _MomentTargets:
     """Moments of the real patients released under DP, which the generators match besides the
     critics' scores (post-processing: no privacy cost). A critic trained with DP-SGD gives noisy
     scores, and a generator that follows them alone drifts: at epsilon 10 one fit put every
-    patient's GCS near its maximum, another ended stays after a fifth of the real duration.
+    patient's GCS near its maximum, another ended stays after a quarter of the real duration.
 
     ``static`` and ``patient``: the means of ``CGANSynthesizer._static_moments`` and
     ``_patient_moments`` (between-patient spread); ``mean_length``: steps per
@@ -483,10 +486,6 @@ class _MomentTargets:
     value_mean: torch.Tensor
     value_square: torch.Tensor
     value_known: torch.Tensor
-
-
-_PRIVATE_LABELLER_BUDGET = 0.35
-_PRIVATE_PREVALENCE_BUDGET = 0.05
 
 
 class CGANSynthesizer(OutcomeLabelling, Synthesizer):
