@@ -19,7 +19,14 @@ from synthmed.models.cgan import (
     CGANSynthesizer,
     _merge_equal_times,
 )
-from synthmed.models.cgan_networks import STEP_PREFIX, Critic, Head, SequenceGenerator, summaries
+from synthmed.models.cgan_networks import (
+    STEP_PREFIX,
+    Critic,
+    Head,
+    SequenceGenerator,
+    summaries,
+    summary_parts,
+)
 from synthmed.models.persistence import read_model_file, save_model_file
 from synthmed.models.privacy import privacy_details
 from synthmed.models.private_summary import release_summary
@@ -274,6 +281,16 @@ def test_critic_summaries_match_numpy(fitted, cohort):
     np.testing.assert_allclose(stats[:, :v], np.log1p(cohort.arrays.mask.sum(1)), rtol=1e-5)
     np.testing.assert_allclose(stats[:, 2 * v : 3 * v], expected_mean, atol=1e-4)
     np.testing.assert_allclose(stats[:, 5 * v : 6 * v], expected_max, atol=1e-4)
+    # summary_parts names the same columns (here every variable is numeric: one value column).
+    parts = summary_parts(torch.as_tensor(stats), v, v)
+    np.testing.assert_allclose(parts.mean.numpy(), expected_mean, atol=1e-4)
+    arrays = cohort.arrays
+    last_step = np.maximum(arrays.lengths - 1, 0)
+    end = arrays.times[np.arange(len(last_step)), last_step] / layout.time_max
+    np.testing.assert_allclose(parts.end_time.numpy(), end, atol=1e-5)
+    np.testing.assert_allclose(
+        parts.log_length.numpy(), np.log1p(np.minimum(arrays.lengths, layout.n_steps)), rtol=1e-5
+    )
 
 
 # -- seeds -----------------------------------------------------------------------------------------

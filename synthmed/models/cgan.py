@@ -76,7 +76,9 @@ from synthmed.models.cgan_networks import (
     Head,
     SequenceGenerator,
     StaticGenerator,
+    SummaryParts,
     summaries,
+    summary_parts,
 )
 from synthmed.models.outcome_labeller import OutcomeLabelling, labelled_columns
 from synthmed.models.private_summary import PrivateSummary, release_summary
@@ -847,18 +849,15 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         four steps, one gap of 38 hours among gaps of zero (real stays: 44 steps an hour apart).
         """
         layout = self.layout_
-        v = self.generator_.sequence.n_variables
-        w = self.generator_.sequence.value_width
-        summary = patient_inputs[:, layout.encoder.width_ :]
-        mean, last = summary[:, 2 * v : 2 * v + w], summary[:, 2 * v + 5 * w : 2 * v + 6 * w]
-        values = torch.cat([mean, last], dim=1).clamp(-2.0, 2.0)
+        parts = self._summary_parts(patient_inputs)
+        values = torch.cat([parts.mean, parts.last], dim=1).clamp(-2.0, 2.0)
         gap_share = steps[..., 0] / max(layout.max_log_gap, 1e-6)  # 0 after the stay's end
         length = steps[..., 2].sum(1).clamp_min(1.0)
         stay = torch.stack(
             [
-                summary[:, -3] / math.log1p(layout.n_steps),
-                summary[:, -2],
-                summary[:, -1] / max(layout.max_log_gap, 1e-6),
+                parts.log_length / math.log1p(layout.n_steps),
+                parts.end_time,
+                parts.mean_log_gap / max(layout.max_log_gap, 1e-6),
                 gap_share.pow(2).sum(1) / length,
                 gap_share.amax(1),
             ],
@@ -866,6 +865,12 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         ).clamp(0.0, 1.0)
         stats = torch.cat([values, stay], dim=1)
         return torch.cat([stats, stats**2], dim=1)
+
+    def _summary_parts(self, patient_inputs: torch.Tensor) -> SummaryParts:
+        """The named summary columns of critic inputs ``[static, summaries]``."""
+        sequence = self.generator_.sequence
+        summary = patient_inputs[:, self.layout_.encoder.width_ :]
+        return summary_parts(summary, sequence.n_variables, sequence.value_width)
 
     def _released_stay(self, targets: _MomentTargets) -> tuple[float, float]:
         """The released mean end time (share of the horizon) and mean log-gap of a stay, read

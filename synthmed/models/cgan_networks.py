@@ -560,6 +560,29 @@ def summary_width(n_variables: int, value_width: int) -> int:
     return 2 * n_variables + 7 * value_width + 3
 
 
+@dataclasses.dataclass
+class SummaryParts:
+    """Named views of some columns of :func:`summaries` (``[B, ...]`` each)."""
+
+    mean: torch.Tensor  # [B, W] mean observed value (0 if never observed)
+    last: torch.Tensor  # [B, W] last observed value
+    log_length: torch.Tensor  # [B]
+    end_time: torch.Tensor  # [B]
+    mean_log_gap: torch.Tensor  # [B]
+
+
+def summary_parts(summary: torch.Tensor, n_variables: int, value_width: int) -> SummaryParts:
+    """The columns of :func:`summaries` output ``summary`` by name."""
+    v, w = n_variables, value_width
+    return SummaryParts(
+        mean=summary[:, 2 * v : 2 * v + w],
+        last=summary[:, 2 * v + 5 * w : 2 * v + 6 * w],
+        log_length=summary[:, -3],
+        end_time=summary[:, -2],
+        mean_log_gap=summary[:, -1],
+    )
+
+
 class Critic(nn.Module):
     """Both discriminators in one module, so one optimizer (and one DP wrapper) covers them.
 
