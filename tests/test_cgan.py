@@ -29,7 +29,7 @@ from synthmed.models.cgan_networks import (
 )
 from synthmed.models.persistence import read_model_file, save_model_file
 from synthmed.models.privacy import privacy_details
-from synthmed.models.private_summary import release_summary
+from synthmed.models.private_summary import PRIVATE_MAX_STEPS, release_summary
 
 TINY = CGANConfig(
     static_noise_dim=4,
@@ -475,6 +475,27 @@ def test_private_training_spends_at_most_the_budget_and_records_it(cohort, monke
     numeric = [n for n in cohort.schema.columns if cohort.schema[n].kind == "numeric"]
     expected = {n: {"resolution": 1.0 if cohort.schema[n].integer else 0.0} for n in numeric}
     assert model.layout_.grids == expected
+
+
+def test_unset_steps_and_critic_width_take_private_defaults_under_dp(cohort, monkeypatch):
+    """Left at None, ``max_steps`` is the longest stay without DP and 256 under DP (the data's
+    longest stay would leak), and the critics are 256 wide without DP and 64 under it."""
+    widths = []
+    critic = cgan_module.Critic
+
+    def spy(*args):
+        widths.append(args[5])
+        return critic(*args)
+
+    monkeypatch.setattr(cgan_module, "Critic", spy)
+    config = dataclasses.replace(TINY, critic_hidden=None, max_steps=None)
+    public = tiny(epochs=1, config=config).fit(cohort)
+    private = tiny(epochs=1, epsilon=3.0, config=config).fit(cohort)
+    assert public.layout_.n_steps == cohort.arrays.lengths.max() < PRIVATE_MAX_STEPS
+    assert private.layout_.n_steps == PRIVATE_MAX_STEPS == 256
+    assert widths == [256, 64]
+    capped = tiny(epochs=1, config=dataclasses.replace(config, max_steps=5)).fit(cohort)
+    assert capped.layout_.n_steps == 5
 
 
 # -- bad input -------------------------------------------------------------------------------------

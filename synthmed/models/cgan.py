@@ -46,10 +46,11 @@ indices, so only they are trained with DP-SGD (``Synthesizer._make_private``); t
 from the critics' outputs on generated data and are covered by post-processing. Under DP the
 gradient penalty is taken between pairs of generated patients with the per-sample hooks off (no
 real data, so its gradient is added after per-patient clipping and noise at no privacy cost), the
-extra static critic updates (which would reuse a batch) are off, and the layout (encoder, gap
-scale, number of steps) comes from the schema's bounds and ``config.max_steps``, not the data;
-the value scaler is fitted on private value histograms (``private_summary``, 10 % of the budget),
-and values are rounded only where the schema marks a column ``integer``.
+extra static critic updates (which would reuse a batch) are off, the critics are narrower
+(``CGANConfig.critic_hidden``), and the layout (encoder, gap scale, number of steps) comes from the
+schema's bounds and ``config.max_steps`` (256 when None), not the data; the value scaler is fitted
+on private value histograms (``private_summary``, 10 % of the budget), and values are rounded only
+where the schema marks a column ``integer``.
 Losses on real patients are dropped from ``history_`` (``privacy.releasable_history``).
 """
 
@@ -81,7 +82,7 @@ from synthmed.models.cgan_networks import (
     summary_parts,
 )
 from synthmed.models.outcome_labeller import OutcomeLabelling, labelled_columns
-from synthmed.models.private_summary import PrivateSummary, release_summary
+from synthmed.models.private_summary import PRIVATE_MAX_STEPS, PrivateSummary, release_summary
 from synthmed.models.transforms import StaticEncoder, ValueScaler
 from synthmed.models.value_grid import detect_resolution, frequent_values, put_on_grid
 from synthmed.schema import ColumnSchema, Schema
@@ -111,7 +112,11 @@ class CGANConfig:
         steps_per_cell: Steps emitted per LSTM step (DoppelGANger's ``sample_len``); larger is
             faster, smaller follows step-to-step dynamics more closely.
         step_embedding: Width of the per-step embedding the patient critic flattens.
-        critic_hidden, critic_layers: Width and depth of both critics.
+        critic_hidden: Width of both critics. None: 256, or 64 under DP, where DP-SGD adds
+            noise to every weight and clips every patient's gradient: at epsilon 10 on
+            PhysioNet 2012 critics 64 wide gave the generators the same TSTR AUROC and fitted
+            in a third of the time.
+        critic_layers: Depth of both critics.
         generator_lr, critic_lr: Adam learning rates.
         betas: Adam betas (WGAN-GP's (0.5, 0.9)).
         critic_steps: Critic updates per generator update.
@@ -124,7 +129,11 @@ class CGANConfig:
         condition_rate: Share of training rows whose static draw is conditioned on a random
             subset of columns (so that any subset can be given at sampling).
         temperature: Temperature of the straight-through Gumbel relaxations.
-        max_steps: Longest sequence modelled; longer training sequences are truncated.
+        max_steps: Longest sequence modelled; longer training sequences are truncated. None:
+            the longest training sequence, at most 512. Under DP the number of steps is not
+            read from the data (it would leak): every stay is modelled over ``max_steps``
+            steps, 256 when None; set it near your stays' length, as training time and
+            quality follow it (PhysioNet 2012 on the hourly grid: 64).
         sample_batch_size: Patients generated per forward pass when sampling.
     """
 
@@ -136,7 +145,7 @@ class CGANConfig:
     lstm_layers: int = 1
     steps_per_cell: int = 10
     step_embedding: int = 8
-    critic_hidden: int = 256
+    critic_hidden: int | None = None
     critic_layers: int = 2
     generator_lr: float = 1e-3
     critic_lr: float = 1e-3
@@ -148,7 +157,7 @@ class CGANConfig:
     static_weight: float = 1.0
     condition_rate: float = 0.5
     temperature: float = 0.5
-    max_steps: int = 512
+    max_steps: int | None = None
     sample_batch_size: int = 4096
 
     def __post_init__(self) -> None:
@@ -170,6 +179,8 @@ class CGANConfig:
         )
         for name in positive_ints:
             value = getattr(self, name)
+            if value is None and name in ("critic_hidden", "max_steps"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CGANConfig.{name} must be a positive integer, got {value!r}")
         for name in ("generator_lr", "critic_lr", "temperature"):
@@ -457,6 +468,11 @@ def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
 #: patient moments (``_MomentTargets``), the critics, and, when the schema has a binary outcome,
 #: the outcome labeller and its prevalence count (see ``outcome_labeller``); without one the
 #: critics get the rest.
+#: ``CGANConfig.max_steps`` and ``critic_hidden`` when None (see there).
+_MAX_STEPS = 512
+_CRITIC_HIDDEN = 256
+_PRIVATE_CRITIC_HIDDEN = 64
+
 _PRIVATE_SUMMARY_BUDGET = 0.1
 _PRIVATE_STATIC_BUDGET = 0.05
 _PRIVATE_PATIENT_BUDGET = 0.05
@@ -551,6 +567,18 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             raise ValueError(f"config must be a CGANConfig, got {type(config).__name__}")
         self.config = config if config is not None else CGANConfig()
 
+    def _max_steps(self, cohort: Cohort) -> int:
+        """Steps modelled per stay: ``config.max_steps``, or (None) the longest stay in
+        ``cohort`` up to 512, under DP ``PRIVATE_MAX_STEPS``."""
+        if self.epsilon is not None:
+            return self.config.max_steps or PRIVATE_MAX_STEPS
+        longest = max(1, int(cohort.arrays.lengths.max(initial=0)))
+        return min(longest, self.config.max_steps or _MAX_STEPS)
+
+    def _critic_hidden(self) -> int:
+        private = _PRIVATE_CRITIC_HIDDEN if self.epsilon is not None else _CRITIC_HIDDEN
+        return self.config.critic_hidden or private
+
     # -- building ---------------------------------------------------------------------------------
 
     def _build(self, layout: _Layout) -> None:
@@ -597,14 +625,14 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         if from_bounds:
             # Under DP nothing is read from the data outside the private critic: max_steps
             # steps, gaps in the cohort's time unit, a horizon of max_steps units, no time grid.
-            n_steps = self.config.max_steps
+            n_steps = self._max_steps(cohort)
             return _Layout(encoder, scaler, n_steps, 1.0, float(n_steps), None, grids)
         inside = arrays.step_mask
         gaps = arrays.gaps[inside]
         positive = gaps[gaps > 0]
         gap_scale = float(np.median(positive)) if len(positive) else 1.0
         time_max = float(arrays.times[inside].max()) if inside.any() else 0.0
-        n_steps = max(1, min(int(arrays.lengths.max(initial=0)), self.config.max_steps))
+        n_steps = self._max_steps(cohort)
         time_max = max(time_max, gap_scale)
         return _Layout(
             encoder,
@@ -642,12 +670,13 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         summary = None
         if self.epsilon is not None:
             inside = cohort.arrays.step_mask
-            inside = inside & (np.arange(inside.shape[1])[None, :] < config.max_steps)
+            max_steps = self._max_steps(cohort)
+            inside = inside & (np.arange(inside.shape[1])[None, :] < max_steps)
             summary = release_summary(
                 self,
                 cohort,
                 inside,
-                config.max_steps,
+                max_steps,
                 generator,
                 budget_fraction=_PRIVATE_SUMMARY_BUDGET,
             )
@@ -694,7 +723,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             layout.n_steps,
             real_steps.shape[2],
             config.step_embedding,
-            config.critic_hidden,
+            self._critic_hidden(),
             config.critic_layers,
         ).to(device)
         generator_optimizer = torch.optim.Adam(

@@ -29,7 +29,11 @@ from synthmed.models.lstm_network import (
     ValueCodec,
 )
 from synthmed.models.outcome_labeller import OutcomeLabelling, labelled_columns
-from synthmed.models.private_summary import PrivateSummary, release_summary
+from synthmed.models.private_summary import (
+    PRIVATE_MAX_STEPS,
+    PrivateSummary,
+    release_summary,
+)
 from synthmed.models.static_model import (
     ConditionalStaticModel,
     columns_from_blocks,
@@ -46,9 +50,6 @@ from synthmed.models.value_grid import (
 )
 
 _VALIDATION_SEED_OFFSET = 7919
-#: Longest generated sequence under DP when ``max_length`` is not given (the data's longest
-#: sequence would leak).
-_PRIVATE_MAX_LENGTH = 256
 #: Adam's default learning rate, and the one under DP (see ``LSTMSynthesizer``'s docstring).
 _LEARNING_RATE = 3e-3
 _PRIVATE_LEARNING_RATE = 1e-3
@@ -524,7 +525,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         scaler is fitted on the histograms, and the length and rates start the stop and mask
         heads."""
         arrays = cohort.arrays
-        max_length = self.max_length or _PRIVATE_MAX_LENGTH
+        max_length = self.max_length or PRIVATE_MAX_STEPS
         inside = arrays.step_mask
         if self.max_time is not None:
             inside = inside & (arrays.times <= self.max_time)
@@ -941,7 +942,7 @@ def _prepare(
 
     lengths = arrays.lengths.copy()
     if max_length is None and private:
-        max_length = _PRIVATE_MAX_LENGTH
+        max_length = PRIVATE_MAX_STEPS
     if max_time is not None:
         # Steps after the window are dropped; the sequence then ends at the window (censored).
         inside = arrays.step_mask & (arrays.times <= max_time)

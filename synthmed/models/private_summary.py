@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 #: Bins per grid of the value histograms (the union of an even and a log-even grid).
 SCALER_BINS = 32
 
+#: Steps per stay a private model learns when none is set: the data's longest stay would leak.
+PRIVATE_MAX_STEPS = 256
+
 
 @dataclasses.dataclass
 class PrivateSummary:
