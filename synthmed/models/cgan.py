@@ -464,15 +464,15 @@ def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
     return np.repeat(mask, [h.width for h in heads], axis=-1).astype(np.float32)
 
 
-#: Shares of epsilon under DP: the value histograms (``private_summary``), the static and the
-#: patient moments (``_MomentTargets``), the critics, and, when the schema has a binary outcome,
-#: the outcome labeller and its prevalence count (see ``outcome_labeller``); without one the
-#: critics get the rest.
 #: ``CGANConfig.max_steps`` and ``critic_hidden`` when None (see there).
 _MAX_STEPS = 512
 _CRITIC_HIDDEN = 256
 _PRIVATE_CRITIC_HIDDEN = 64
 
+#: Shares of epsilon under DP: the value histograms (``private_summary``), the static and the
+#: patient moments (``_MomentTargets``), the critics, and, when the schema has a binary outcome,
+#: the outcome labeller and its prevalence count (see ``outcome_labeller``); without one the
+#: critics get the rest.
 _PRIVATE_SUMMARY_BUDGET = 0.1
 _PRIVATE_STATIC_BUDGET = 0.05
 _PRIVATE_PATIENT_BUDGET = 0.05
