@@ -11,7 +11,7 @@ import torch
 
 from synthmed import Cohort, load_synthesizer
 from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError
-from synthmed.models.base import GeneratedBatch, Synthesizer, parse_shard
+from synthmed.models.base import GeneratedBatch, Synthesizer, pad_steps, parse_shard
 from synthmed.models.persistence import read_model_file, save_model_file
 
 
@@ -291,3 +291,15 @@ def test_history_columns_keep_their_order_through_save(fitted, tmp_path):
     fitted.history_ = pd.DataFrame({"loss": [1.0], "epoch": [1]})
     loaded = load_synthesizer(fitted.save(tmp_path / "m.synthmed"))
     assert list(loaded.history_.columns) == ["loss", "epoch"]
+
+
+def test_pad_steps_pads_the_step_axis_with_the_fill():
+    values = np.arange(24, dtype=float).reshape(2, 3, 4)
+    padded = pad_steps(values, 5, np.nan)
+    assert padded.shape == (2, 5, 4)
+    np.testing.assert_array_equal(padded[:, :3], values)
+    assert np.isnan(padded[:, 3:]).all()
+    times = pad_steps(np.ones((2, 3)), 4, 0.0)
+    np.testing.assert_array_equal(times, [[1, 1, 1, 0], [1, 1, 1, 0]])
+    assert pad_steps(values, 3, np.nan) is values
+    assert pad_steps(values, 2, np.nan) is values

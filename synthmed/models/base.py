@@ -43,6 +43,16 @@ class GeneratedBatch:
     lengths: np.ndarray
 
 
+def pad_steps(array: np.ndarray, width: int, fill: float) -> np.ndarray:
+    """``array`` (patients on axis 0, steps on axis 1) padded with ``fill`` to ``width`` steps;
+    unchanged when it already has as many."""
+    missing = width - array.shape[1]
+    if missing <= 0:
+        return array
+    pad = [(0, 0), (0, missing)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, pad, constant_values=fill)
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` picks CUDA when available; asking for CUDA without it is an error."""
     if device == "auto":

@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from synthmed.cohort import Cohort
 from synthmed.encoding import category_codes, decode_codes
 from synthmed.errors import DataError, ModelFileError
-from synthmed.models.base import GeneratedBatch, Synthesizer
+from synthmed.models.base import GeneratedBatch, Synthesizer, pad_steps
 from synthmed.models.cgan_networks import (
     STEP_PREFIX,
     Critic,
@@ -1220,8 +1220,8 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         static, sequences = self._draw(conditions, generator, with_sequences=True)
         layout, schema = self.layout_, self.layout_.schema
         width = max(times.shape[1] for times, _, _ in sequences)
-        times = np.concatenate([_pad(t, width, 0.0) for t, _, _ in sequences])
-        values = np.concatenate([_pad(v, width, np.nan) for _, v, _ in sequences])
+        times = np.concatenate([pad_steps(t, width, 0.0) for t, _, _ in sequences])
+        values = np.concatenate([pad_steps(v, width, np.nan) for _, v, _ in sequences])
         lengths = np.concatenate([n for _, _, n in sequences])
         for j, name in enumerate(layout.variables):
             if schema[name].kind == "numeric":
@@ -1297,14 +1297,6 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.generator_.load_state_dict(state, strict=True)
         self.generator_.eval()
-
-
-def _pad(array: np.ndarray, width: int, fill: float) -> np.ndarray:
-    missing = width - array.shape[1]
-    if missing == 0:
-        return array
-    pad = [(0, 0), (0, missing)] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(array, pad, constant_values=fill)
 
 
 def _with_given(produced: pd.Series, given: pd.Series, rows: np.ndarray, column: Any) -> pd.Series:

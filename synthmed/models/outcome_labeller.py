@@ -30,7 +30,7 @@ from torch import nn
 
 from synthmed.encoding import category_codes, decode_codes
 from synthmed.errors import DataError
-from synthmed.models.base import GeneratedBatch
+from synthmed.models.base import GeneratedBatch, pad_steps
 from synthmed.models.static_model import MakePrivate
 from synthmed.schema import Schema
 
@@ -354,8 +354,9 @@ class OutcomeLabelling:
             hits = ~((wanted[rows] >= 0) & (redo_codes != wanted[rows])).any(axis=1)
             take = rows[hits]
             steps = max(times.shape[1], redo.times.shape[1])
-            times, values = _widen(times, values, steps)
-            redo_times, redo_values = _widen(redo.times, redo.values, steps)
+            times, values = pad_steps(times, steps, 0.0), pad_steps(values, steps, np.nan)
+            redo_times = pad_steps(redo.times, steps, 0.0)
+            redo_values = pad_steps(redo.values, steps, np.nan)
             times[take], values[take] = redo_times[hits], redo_values[hits]
             lengths[take] = redo.lengths[hits]
             replacement = redo.static.iloc[np.flatnonzero(hits)].set_axis(static.index[take])
@@ -403,14 +404,3 @@ class OutcomeLabelling:
             }
             self._install_outcome_labeller(own, list(state["labelled_columns"]))
         return {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
-
-
-def _widen(times: np.ndarray, values: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``times`` and ``values`` padded (0 and NaN) to ``steps`` steps."""
-    extra = steps - times.shape[1]
-    if extra <= 0:
-        return times, values
-    return (
-        np.pad(times, ((0, 0), (0, extra))),
-        np.pad(values, ((0, 0), (0, extra), (0, 0)), constant_values=np.nan),
-    )
