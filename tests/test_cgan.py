@@ -28,7 +28,7 @@ from synthmed.models.cgan_networks import (
     summary_parts,
 )
 from synthmed.models.persistence import read_model_file, save_model_file
-from synthmed.models.privacy import privacy_details
+from synthmed.models.privacy import PrivacyWarning, privacy_details
 from synthmed.models.private_summary import PRIVATE_MAX_STEPS, release_summary
 
 TINY = CGANConfig(
@@ -490,7 +490,8 @@ def test_unset_steps_and_critic_width_take_private_defaults_under_dp(cohort, mon
     monkeypatch.setattr(cgan_module, "Critic", spy)
     config = dataclasses.replace(TINY, critic_hidden=None, max_steps=None)
     public = tiny(epochs=1, config=config).fit(cohort)
-    private = tiny(epochs=1, epsilon=3.0, config=config).fit(cohort)
+    with pytest.warns(PrivacyWarning, match="CGANConfig.max_steps is not set"):
+        private = tiny(epochs=1, epsilon=3.0, config=config).fit(cohort)
     assert public.layout_.n_steps == cohort.arrays.lengths.max() < PRIVATE_MAX_STEPS
     assert private.layout_.n_steps == PRIVATE_MAX_STEPS == 256
     assert widths == [256, 64]

@@ -678,5 +678,22 @@ def test_inferred_bounds_are_flagged_and_missing_bounds_refused(cohort):
         check_public_schema(unbounded)
 
 
+@pytest.mark.parametrize("name", ["lstm", "cgan"])
+def test_private_fits_refuse_unbounded_columns_and_flag_unset_steps(cohort, name):
+    unbounded = Cohort(
+        cohort.static, cohort.events, cohort.schema.with_column("HR", lower=None, upper=None)
+    )
+    with pytest.raises(PrivacyError, match="HR"):
+        _our_generator(name, epsilon=3.0, epochs=1).fit(unbounded)
+    model = _our_generator(name, epsilon=3.0, epochs=1)
+    if name == "lstm":
+        model.max_length, setting = None, "max_length is not set"
+    else:
+        model.config = dataclasses.replace(model.config, max_steps=None)
+        setting = "CGANConfig.max_steps is not set"
+    with pytest.warns(PrivacyWarning, match=setting):
+        model.fit(cohort)
+
+
 def test_privacy_module_is_importable_without_side_effects():
     assert privacy.DEFAULT_ACCOUNTANT in privacy.ACCOUNTANTS

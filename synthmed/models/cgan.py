@@ -82,7 +82,12 @@ from synthmed.models.cgan_networks import (
     summary_parts,
 )
 from synthmed.models.outcome_labeller import OutcomeLabelling, labelled_columns
-from synthmed.models.private_summary import PRIVATE_MAX_STEPS, PrivateSummary, release_summary
+from synthmed.models.private_summary import (
+    PRIVATE_MAX_STEPS,
+    PrivateSummary,
+    release_summary,
+    warn_unset_steps,
+)
 from synthmed.models.transforms import StaticEncoder, ValueScaler
 from synthmed.models.value_grid import detect_resolution, frequent_values, put_on_grid
 from synthmed.schema import ColumnSchema, Schema
@@ -669,6 +674,11 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         config, device = self.config, self.device_
         summary = None
         if self.epsilon is not None:
+            from synthmed.models.privacy import check_public_schema
+
+            check_public_schema(cohort)
+            if config.max_steps is None:
+                warn_unset_steps("CGANConfig.max_steps")
             inside = cohort.arrays.step_mask
             max_steps = self._max_steps(cohort)
             inside = inside & (np.arange(inside.shape[1])[None, :] < max_steps)

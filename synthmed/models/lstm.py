@@ -33,6 +33,7 @@ from synthmed.models.private_summary import (
     PRIVATE_MAX_STEPS,
     PrivateSummary,
     release_summary,
+    warn_unset_steps,
 )
 from synthmed.models.static_model import (
     ConditionalStaticModel,
@@ -333,6 +334,8 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             from synthmed.models.privacy import check_public_schema
 
             check_public_schema(cohort)
+            if self.max_length is None:
+                warn_unset_steps("max_length")
         device = self.device_
         summary = self._private_summary(cohort, generator) if private else None
         data = _prepare(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,6 +29,20 @@ SCALER_BINS = 32
 
 #: Steps per stay a private model learns when none is set: the data's longest stay would leak.
 PRIVATE_MAX_STEPS = 256
+
+
+def warn_unset_steps(setting: str) -> None:
+    """Warn (``PrivacyWarning``) that a private fit learns ``PRIVATE_MAX_STEPS`` steps per stay
+    because ``setting`` (the model's steps-per-stay setting) was left at None."""
+    from synthmed.models.privacy import PrivacyWarning
+
+    warnings.warn(
+        f"{setting} is not set: under DP the data's longest stay is not read (it would leak), "
+        f"so the model learns {PRIVATE_MAX_STEPS} steps per stay. Set {setting} near your "
+        "stays' length: training time and quality follow it",
+        PrivacyWarning,
+        stacklevel=4,
+    )
 
 
 @dataclasses.dataclass
