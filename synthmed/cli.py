@@ -149,6 +149,11 @@ MAX_TIME_HELP = (
     "48 hours (LSTM only; default: the latest time in the data, and none under DP, where the "
     "data may not be read: give the window when it is public)"
 )
+MAX_LENGTH_HELP = (
+    "steps per stay (the LSTM's max_length, the CGAN's config.max_steps; default: the longest "
+    "stay in the data, and 256 under DP, where the data may not be read: set it near your "
+    "stays' length)"
+)
 
 
 def _positive_float(text: str) -> float:
@@ -355,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help=MAX_TIME_HELP,
     )
+    settings.add_argument("--max-length", type=_positive_int, metavar="N", help=MAX_LENGTH_HELP)
     fit.add_argument(
         "--holdout",
         type=_fraction,
@@ -565,13 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         sweep.add_argument("--holdout", type=_fraction, default=0.3, metavar="FRACTION")
         sweep.add_argument("--epochs", type=_positive_int, metavar="N")
         sweep.add_argument("--max-time", type=_positive_float, metavar="T", help=MAX_TIME_HELP)
-        sweep.add_argument(
-            "--max-length",
-            type=_positive_int,
-            metavar="N",
-            help="steps per stay (the LSTM's max_length, the CGAN's config.max_steps); under DP "
-            "the data's longest stay is never read, so set it to the length you need",
-        )
+        sweep.add_argument("--max-length", type=_positive_int, metavar="N", help=MAX_LENGTH_HELP)
         sweep.add_argument("--seed", type=int, default=0, metavar="S")
         sweep.add_argument("--fast", action="store_true", help="skip the recurrent discriminator")
         _add_data_options(sweep)
@@ -787,21 +787,28 @@ def _make_model(name: str, settings: dict[str, Any], verbose: bool) -> Synthesiz
     return cls(**settings)
 
 
+def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The constructor settings ``fit`` gives the model."""
+    names = ("epochs", "batch_size", "seed", "epsilon", "delta", "max_grad_norm", "device")
+    settings = {key: getattr(args, key) for key in (*names, "max_time")}
+    settings = {key: value for key, value in settings.items() if value is not None}
+    return {**settings, **_length_settings(args.model, args.max_length)}
+
+
+def _length_settings(model: str, max_length: int | None) -> dict[str, Any]:
+    """``--max-length``: the LSTM's ``max_length``, the CGAN's ``config.max_steps``; other
+    models take neither (``_make_model`` then names the option)."""
+    if max_length is None:
+        return {}
+    if model == "cgan":
+        from synthmed.models.cgan import CGANConfig
+
+        return {"config": CGANConfig(max_steps=max_length)}
+    return {"max_length": max_length}
+
+
 def _fit(args: argparse.Namespace) -> int:
-    settings = {
-        key: getattr(args, key)
-        for key in (
-            "epochs",
-            "batch_size",
-            "seed",
-            "epsilon",
-            "delta",
-            "max_grad_norm",
-            "device",
-            "max_time",
-        )
-        if getattr(args, key) is not None
-    }
+    settings = _fit_settings(args)
     verbose = not args.quiet and _is_main_process()
     model = _make_model(args.model, settings, verbose)
     cohort = load_cohort(args.data, **_data_kwargs(args))
@@ -1114,13 +1121,7 @@ def _sweep_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
     if "max_time" in settings and args.model != "lstm":
         raise UsageError(f"--max-time does not apply to the {args.model} model")
-    if args.max_length is not None and args.model == "lstm":
-        settings["max_length"] = args.max_length
-    elif args.max_length is not None:
-        from synthmed.models.cgan import CGANConfig
-
-        settings["config"] = CGANConfig(max_steps=args.max_length)
-    return settings
+    return {**settings, **_length_settings(args.model, args.max_length)}
 
 
 def _privacy_sweep(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from synthmed import Cohort, load_synthesizer
-from synthmed.cli import _sweep_settings, build_parser
+from synthmed.cli import _fit_settings, _sweep_settings, build_parser
 from synthmed.datasets import simulate_cohort
 from synthmed.models.cgan import CGANConfig
 
@@ -359,11 +359,14 @@ def test_fit_writes_checkpoints_and_resumes_them(work):
     ("model", "expected"),
     [("lstm", {"max_length": 48}), ("cgan", {"config": CGANConfig(max_steps=48)})],
 )
-def test_privacy_sweep_sets_each_models_stay_length(model, expected):
+@pytest.mark.parametrize(
+    ("command", "settings"), [("privacy-sweep", _sweep_settings), ("fit", _fit_settings)]
+)
+def test_fit_and_privacy_sweep_set_each_models_stay_length(command, settings, model, expected):
     parser = build_parser()
     args = parser.parse_args(
-        ["privacy-sweep", "data.csv", "--out", "o", "--model", model, "--max-length", "48"]
+        [command, "data.csv", "--out", "o", "--model", model, "--max-length", "48"]
     )
-    assert _sweep_settings(args) == expected
-    bare = parser.parse_args(["privacy-sweep", "data.csv", "--out", "o", "--model", model])
-    assert _sweep_settings(bare) == {}
+    assert settings(args) == expected
+    bare = parser.parse_args([command, "data.csv", "--out", "o", "--model", model])
+    assert settings(bare) == {}
