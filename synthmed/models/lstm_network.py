@@ -29,7 +29,7 @@ from synthmed.models.heads import (
     ProductMixture,
     ZeroInflatedLogNormalMixture,
 )
-from synthmed.models.value_grid import cell_boundaries
+from synthmed.models.value_grid import REACH, cell_boundaries
 
 #: Largest lookup table of a variable's snapping grid.
 _LOOKUP_SIZE = 8192
@@ -350,8 +350,8 @@ class ValueCodec:
 
     Args:
         support: Per variable, the sorted frequent values to snap to (None for none). A value
-            is snapped only within the support's range widened by its median spacing, so the
-            tails stay continuous.
+            is snapped only to a support value at most ``value_grid.REACH`` median spacings of
+            the support away, so the tails and the gaps in the support stay continuous.
         support_share: Per variable, the share of training values that lay on the support.
         support_weights: Per variable, how often each support value was seen (None: equally):
             each value's snapping cell is widened in proportion (see
@@ -385,7 +385,7 @@ class ValueCodec:
         # Snapping looks values up in a table over a grid spanning the support (the variable's
         # resolution, or a fine grid without one): far cheaper per step than a search.
         n_vars = len(support)
-        low, high = np.zeros(n_vars), np.zeros(n_vars)
+        low, high, reach = np.zeros(n_vars), np.zeros(n_vars), np.zeros(n_vars)
         spacing = np.ones(n_vars)
         tables = []
         for j, values in enumerate(support):
@@ -394,7 +394,8 @@ class ValueCodec:
                 continue
             table = np.asarray(values, dtype=np.float64)
             margin = float(np.median(np.diff(table))) if len(table) > 1 else 0.0
-            low[j], high[j] = table[0] - margin, table[-1] + margin
+            reach[j] = REACH * margin
+            low[j], high[j] = table[0] - reach[j], table[-1] + reach[j]
             step = float(resolution[j])
             if step <= 0 or (high[j] - low[j]) / step > _LOOKUP_SIZE:
                 step = max((high[j] - low[j]) / _LOOKUP_SIZE, 1e-9)
@@ -413,6 +414,7 @@ class ValueCodec:
         self.snap_share = tensor(support_share if support_share is not None else [1.0] * n_vars)
         self.lookup = tensor(lookup)
         self.lookup_low, self.lookup_high = tensor(low), tensor(high)
+        self.reach = tensor(reach)
         self.lookup_step = tensor(spacing)
         self.lookup_width = width
 
@@ -438,7 +440,7 @@ class ValueCodec:
         index = index.clamp(0, self.lookup_width - 1).to(torch.int64)
         flat = index.reshape(-1, x.shape[-1]).t()  # [V, n]
         nearest = self.lookup.gather(1, flat).t().reshape(x.shape)
-        inside = self.snapped & (x >= self.lookup_low) & (x <= self.lookup_high)
+        inside = self.snapped & ((nearest - x).abs() <= self.reach)
         if generator is not None:
             u = torch.rand(x.shape, generator=generator, device=x.device)
             inside &= u < self.snap_share

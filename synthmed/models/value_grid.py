@@ -29,6 +29,12 @@ _TARGET_SHARE = 0.95
 _MAX_SUPPORT = 2048
 #: Most bins :func:`cell_index` lays over the bounds before it falls back to a binary search.
 _MAX_BINS = 1 << 16
+#: Farthest a generated value is moved onto a frequent value, in median spacings of the
+#: frequent values: a gap in them is a range the training values seldom took, not one value's
+#: cell. Without it, generated diastolic pressures anywhere from 1 to 15 mmHg became 0 (a
+#: frequent artefact value, with the next frequent value at 31): 3.0 % of generated values
+#: against 0.34 % of recorded ones.
+REACH = 2.0
 
 
 def detect_resolution(values: np.ndarray) -> float:
@@ -140,13 +146,14 @@ def snap(
 ) -> np.ndarray:
     """Numpy twin of :meth:`~synthmed.models.lstm_network.ValueCodec._snap`: the support value
     whose cell holds each value (the nearest one, or by ``weights`` as :func:`cell_boundaries`
-    says), within the support's range widened by its median spacing; values outside keep their
-    own value. With a relative ``tolerance``, only values that close to a support value are
-    replaced (to undo float32 rounding of values already snapped)."""
+    says), when it is at most ``REACH`` median spacings of the support away; other values keep
+    their own value. With a relative ``tolerance``, only values that close to a support value
+    are replaced (to undo float32 rounding of values already snapped)."""
     table = np.asarray(support, dtype=np.float64)
     margin = float(np.median(np.diff(table))) if len(table) > 1 else 0.0
     nearest = table[cell_index(values, cell_boundaries(table, weights))]
-    inside = (values >= table[0] - margin) & (values <= table[-1] + margin)
+    with np.errstate(invalid="ignore"):
+        inside = np.abs(values - nearest) <= REACH * margin
     if tolerance is not None:
         with np.errstate(invalid="ignore"):
             inside &= np.abs(values - nearest) <= tolerance * np.maximum(1.0, np.abs(values))
