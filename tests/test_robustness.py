@@ -228,7 +228,7 @@ def test_interrupted_private_lstm_resumes_to_the_same_weights_and_epsilon(tmp_pa
     """Under DP the LSTM runs five private phases (summary, static model, sequences, outcome
     labeller, prevalence): a resumed run must restore every phase's accounting and the weights."""
     cohort = simulate_cohort(60, seed=3)
-    settings = {**SETTINGS, "epochs": 4, "epsilon": 8.0}
+    settings = {**SETTINGS, "epochs": 4, "epsilon": 8.0, "max_length": 48}
     save = LSTMSynthesizer._save_checkpoint
 
     def save_then_stop(self, epoch, *args, **kwargs):
