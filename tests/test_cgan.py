@@ -227,6 +227,19 @@ def test_values_are_never_moved_outside_the_bounds(hourly_model):
     np.testing.assert_array_equal(temp, [20.0, 45.0, 37.0])
 
 
+def test_gaps_not_times_are_rounded_to_the_time_resolution(fitted, cohort):
+    """Gaps of 1.3 hours on an hourly grid are one hour each: rounding the times instead
+    (0.2, 1.5, 2.8, 4.1, 5.4 to 0, 2, 3, 4, 5) left hour 1 empty."""
+    layout = dataclasses.replace(fitted.layout_, time_resolution=1.0)
+    steps = layout.encode_steps(cohort.subset(cohort.ids[:1]))[:, :5].clone()
+    steps[0, :, 1] = torch.tensor([0.2, 1.5, 2.8, 4.1, 5.4]) / layout.time_max
+    steps[0, :, 2] = 1.0
+    steps[0, :, STEP_PREFIX] = 1.0  # every step observes the first variable
+    times, _, lengths = layout.decode_steps(steps)
+    assert lengths.tolist() == [5]
+    np.testing.assert_allclose(times[0], [0.0, 1.0, 2.0, 3.0, 4.0])
+
+
 def test_steps_sharing_a_time_are_merged():
     times = np.array([[0.0, 1.0, 1.0, 2.0, 0.0], [0.5, 0.5, 0.5, 0.0, 0.0]])
     values = np.full((2, 5, 2), np.nan)

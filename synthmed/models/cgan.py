@@ -327,15 +327,22 @@ class _Layout:
         """Generated steps → ``(times, values, lengths)``.
 
         Steps without any observation are dropped, values are put back in schema units inside
-        the bounds, and times are rounded to the training data's time resolution when it has one
-        (whole minutes, an hourly grid), steps that then share a time being merged into one.
+        the bounds, and where the training data have a time resolution (whole minutes, an
+        hourly grid) the first time and each gap are rounded to it, steps that then share a
+        time being merged into one. Rounding the times themselves let the gaps' rounding errors
+        add up: on PhysioNet's hourly grid, generated gaps of 0.7-1.5 hours left hours empty and
+        doubled others, and stays had 39.8 steps against 43.6 (41.9 with the gaps rounded).
         """
         steps = steps.detach().cpu().numpy()
         v = len(self.variables)
         times = steps[..., 1].astype(np.float64) * self.time_max
-        if self.time_resolution:
-            times = np.round(times / self.time_resolution) * self.time_resolution
         alive = (steps[..., 2] > 0.5) & (steps[..., 1] <= 1.0 + 1e-6)
+        if self.time_resolution:
+            step = self.time_resolution
+            gaps = np.round(np.diff(times, axis=1) / step) * step
+            first = np.round(times[:, :1] / step) * step
+            times = np.cumsum(np.concatenate([first, gaps], axis=1), axis=1)
+            alive &= times <= self.time_max + 1e-9
         mask = (steps[..., STEP_PREFIX : STEP_PREFIX + v] > 0.5) & alive[..., None]
         raw = steps[..., STEP_PREFIX + v :]
         codes = np.zeros(mask.shape, dtype=np.float32)
