@@ -504,16 +504,9 @@ def test_window_end_feature_sharpens_towards_the_end_of_the_window() -> None:
     assert (without.inputs()[:, -1] == 0).all()
 
 
-def test_snapping_cells_follow_the_support_weights() -> None:
-    """Hourly means of a heart rate: whole beats 94 % of the time, halves 6 %. A smooth draw
-    must land on them in those shares, not one half each (which told synthetic patients from
-    real ones on the hourly grid)."""
-    _, _, weights = frequent_values(np.repeat([1.0, 2.0, 3.0], [300, 100, 100]))
-    np.testing.assert_allclose(weights, [0.6, 0.2, 0.2])
-    whole, halves = np.arange(60.0, 121.0), np.arange(60.5, 120.0)
-    support = np.sort(np.r_[whole, halves]).tolist()
-    weights = [0.94 / len(whole) if v % 1 == 0 else 0.06 / len(halves) for v in support]
-    draws = np.random.default_rng(0).uniform(70, 110, 20_000)
+def _coded(draws: np.ndarray, support: list[float], weights: list[float]) -> np.ndarray:
+    """``draws`` (recorded units, bounds 0-300) through a one-variable ``ValueCodec`` that snaps
+    to ``support`` with cells weighted by ``weights``."""
     codec = ValueCodec(
         [False],
         [0],
@@ -525,7 +518,20 @@ def test_snapping_cells_follow_the_support_weights() -> None:
         torch.device("cpu"),
         support_weights=[weights],
     )
-    coded = codec.from_z(torch.tensor(draws[:, None], dtype=torch.float32))[:, 0].numpy()
+    return codec.from_z(torch.tensor(draws[:, None], dtype=torch.float32))[:, 0].numpy()
+
+
+def test_snapping_cells_follow_the_support_weights() -> None:
+    """Hourly means of a heart rate: whole beats 94 % of the time, halves 6 %. A smooth draw
+    must land on them in those shares, not one half each (which told synthetic patients from
+    real ones on the hourly grid)."""
+    _, _, weights = frequent_values(np.repeat([1.0, 2.0, 3.0], [300, 100, 100]))
+    np.testing.assert_allclose(weights, [0.6, 0.2, 0.2])
+    whole, halves = np.arange(60.0, 121.0), np.arange(60.5, 120.0)
+    support = np.sort(np.r_[whole, halves]).tolist()
+    weights = [0.94 / len(whole) if v % 1 == 0 else 0.06 / len(halves) for v in support]
+    draws = np.random.default_rng(0).uniform(70, 110, 20_000)
+    coded = _coded(draws, support, weights)
     for snapped in (snap(draws, support, weights=weights), coded.astype(np.float64)):
         assert np.isin(snapped, support).all()
         assert np.mean(snapped % 1 == 0.5) == pytest.approx(0.06, abs=0.01)
@@ -542,18 +548,7 @@ def test_values_in_a_gap_of_the_frequent_values_keep_their_own_value() -> None:
     weights = [0.05] + [0.95 / 90] * 90
     draws = np.array([0.4, 1.5, 5.0, 12.0, 28.0, 29.5, 31.3, 64.6])
     expected = [0.0, 0.0, 5.0, 12.0, 28.0, 31.0, 31.0, 65.0]
-    codec = ValueCodec(
-        [False],
-        [0],
-        [1],
-        [0],
-        [300],
-        [0.0],
-        [support],
-        torch.device("cpu"),
-        support_weights=[weights],
-    )
-    coded = codec.from_z(torch.tensor(draws[:, None], dtype=torch.float32))[:, 0].numpy()
+    coded = _coded(draws, support, weights)
     np.testing.assert_allclose(snap(draws, support, weights=weights), expected)
     np.testing.assert_allclose(coded, expected, atol=1e-5)
 
