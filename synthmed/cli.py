@@ -789,9 +789,17 @@ def _make_model(name: str, settings: dict[str, Any], verbose: bool) -> Synthesiz
 
 def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The constructor settings ``fit`` gives the model."""
-    names = ("epochs", "batch_size", "seed", "epsilon", "delta", "max_grad_norm", "device")
-    settings = {key: getattr(args, key) for key in (*names, "max_time")}
-    settings = {key: value for key, value in settings.items() if value is not None}
+    names = (
+        "epochs",
+        "batch_size",
+        "seed",
+        "epsilon",
+        "delta",
+        "max_grad_norm",
+        "device",
+        "max_time",
+    )
+    settings = {key: getattr(args, key) for key in names if getattr(args, key) is not None}
     return {**settings, **_length_settings(args.model, args.max_length)}
 
 

@@ -413,7 +413,7 @@ class ValueCodec:
         self.snapped = tensor([t is not None for t in tables], torch.bool)
         self.snap_share = tensor(support_share if support_share is not None else [1.0] * n_vars)
         self.lookup = tensor(lookup)
-        self.lookup_low, self.lookup_high = tensor(low), tensor(high)
+        self.lookup_low = tensor(low)
         self.reach = tensor(reach)
         self.lookup_step = tensor(spacing)
         self.lookup_width = width

@@ -153,10 +153,10 @@ def snap(
     margin = float(np.median(np.diff(table))) if len(table) > 1 else 0.0
     nearest = table[cell_index(values, cell_boundaries(table, weights))]
     with np.errstate(invalid="ignore"):
-        inside = np.abs(values - nearest) <= REACH * margin
-    if tolerance is not None:
-        with np.errstate(invalid="ignore"):
-            inside &= np.abs(values - nearest) <= tolerance * np.maximum(1.0, np.abs(values))
+        distance = np.abs(values - nearest)
+        inside = distance <= REACH * margin
+        if tolerance is not None:
+            inside &= distance <= tolerance * np.maximum(1.0, np.abs(values))
     return np.where(inside, nearest, values)
 
 
