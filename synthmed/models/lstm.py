@@ -336,11 +336,11 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             check_public_schema(cohort)
             if self.max_length is None:
                 warn_unset_steps("max_length")
+        # Under DP the longest training sequence would leak: a fixed number of steps instead.
+        max_length = self.max_length or (PRIVATE_MAX_STEPS if private else None)
         device = self.device_
-        summary = self._private_summary(cohort, generator) if private else None
-        data = _prepare(
-            cohort, self.max_length, self.max_time, self.quantize, private, device, summary
-        )
+        summary = self._private_summary(cohort, max_length, generator) if private else None
+        data = _prepare(cohort, max_length, self.max_time, self.quantize, private, device, summary)
         self.config_ = config
         self.static_encoder_ = data.static_encoder
         self.value_scaler_ = data.value_scaler
@@ -522,13 +522,14 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             self._install_outcome_labeller(labeller.state_dict(), labelled)
             self._calibrate_outcome_labeller(noise)
 
-    def _private_summary(self, cohort: Cohort, generator: torch.Generator) -> PrivateSummary:
+    def _private_summary(
+        self, cohort: Cohort, max_length: int, generator: torch.Generator
+    ) -> PrivateSummary:
         """What the model starts from under DP (``private_summary.release_summary`` on
-        ``_PRIVATE_SUMMARY_BUDGET`` of the budget, over the steps it learns from): the value
-        scaler is fitted on the histograms, and the length and rates start the stop and mask
-        heads."""
+        ``_PRIVATE_SUMMARY_BUDGET`` of the budget, over the steps it learns from, the first
+        ``max_length`` of each stay): the value scaler is fitted on the histograms, and the
+        length and rates start the stop and mask heads."""
         arrays = cohort.arrays
-        max_length = self.max_length or PRIVATE_MAX_STEPS
         inside = arrays.step_mask
         if self.max_time is not None:
             inside = inside & (arrays.times <= self.max_time)
@@ -944,8 +945,6 @@ def _prepare(
     order = [variables.index(v) for v in numeric + categorical]
 
     lengths = arrays.lengths.copy()
-    if max_length is None and private:
-        max_length = PRIVATE_MAX_STEPS
     if max_time is not None:
         # Steps after the window are dropped; the sequence then ends at the window (censored).
         inside = arrays.step_mask & (arrays.times <= max_time)
