@@ -39,7 +39,7 @@ import torch
 
 from synthmed import Cohort
 from synthmed.datasets import load_physionet2012
-from synthmed.models.cgan import CGANSynthesizer
+from synthmed.models.cgan import CGANConfig, CGANSynthesizer
 
 PANEL = ["HR", "MAP", "SysABP", "DiasABP", "RespRate", "Temp", "SaO2", "Glucose"]
 BLOOD_PRESSURES = ["MAP", "SysABP", "DiasABP"]
@@ -245,6 +245,8 @@ def run_grid(data: Path, grid: str, args: argparse.Namespace) -> dict:
     train = load_physionet2012(data / "set-a.tar.gz", variables=PANEL, resample=resample)
     holdout = load_physionet2012(data / "set-b.tar.gz", variables=PANEL, resample=resample)
     settings = {} if args.epochs is None else {"epochs": args.epochs}
+    if args.config:
+        settings["config"] = CGANConfig(**json.loads(args.config))
     model = CGANSynthesizer(seed=args.seed, verbose=args.verbose, **settings)
     cpu_started, started = time.process_time(), time.perf_counter()
     model.fit(train)
@@ -282,6 +284,9 @@ def main() -> None:
     parser.add_argument("--grid", action="append", help="raw or a resample width such as 1h")
     parser.add_argument("--epochs", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--config", default=None, help="CGANConfig settings as JSON, e.g. '{\"steps_per_cell\": 5}'"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--throughput-n", type=int, default=20_000)
     parser.add_argument(

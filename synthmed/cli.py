@@ -143,11 +143,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-#: Help of ``--max-time`` (the LSTM's observation window).
+#: Help of ``--max-time`` (the observation window).
 MAX_TIME_HELP = (
     "end of the observation window in the data's time unit, e.g. 48 for PhysioNet 2012's first "
-    "48 hours (LSTM only; default: the latest time in the data, and none under DP, where the "
-    "data may not be read: give the window when it is public)"
+    "48 hours (the LSTM's max_time, the CGAN's config.max_time; default: the latest time in "
+    "the data, and none under DP, where the data may not be read: give the window when it is "
+    "public)"
 )
 MAX_LENGTH_HELP = (
     "steps per stay (the LSTM's max_length, the CGAN's config.max_steps; default: the longest "
@@ -797,22 +798,24 @@ def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "delta",
         "max_grad_norm",
         "device",
-        "max_time",
     )
     settings = {key: getattr(args, key) for key in names if getattr(args, key) is not None}
-    return {**settings, **_length_settings(args.model, args.max_length)}
+    return {**settings, **_stay_settings(args)}
 
 
-def _length_settings(model: str, max_length: int | None) -> dict[str, Any]:
-    """``--max-length``: the LSTM's ``max_length``, the CGAN's ``config.max_steps``; other
-    models take neither (``_make_model`` then names the option)."""
-    if max_length is None:
-        return {}
-    if model == "cgan":
+def _stay_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--max-length`` and ``--max-time``: the LSTM's ``max_length`` and ``max_time``, the
+    CGAN's ``config.max_steps`` and ``config.max_time``; other models take neither
+    (``_make_model`` then names the option)."""
+    given = {"max_length": args.max_length, "max_time": args.max_time}
+    given = {key: value for key, value in given.items() if value is not None}
+    if args.model == "cgan" and given:
         from synthmed.models.cgan import CGANConfig
 
-        return {"config": CGANConfig(max_steps=max_length)}
-    return {"max_length": max_length}
+        return {
+            "config": CGANConfig(max_steps=given.get("max_length"), max_time=given.get("max_time"))
+        }
+    return given
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -1124,12 +1127,8 @@ def _share(args: argparse.Namespace) -> int:
 
 def _sweep_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The constructor settings ``privacy-sweep`` gives every fit."""
-    settings = {
-        key: getattr(args, key) for key in ("epochs", "max_time") if getattr(args, key) is not None
-    }
-    if "max_time" in settings and args.model != "lstm":
-        raise UsageError(f"--max-time does not apply to the {args.model} model")
-    return {**settings, **_length_settings(args.model, args.max_length)}
+    settings = {"epochs": args.epochs} if args.epochs is not None else {}
+    return {**settings, **_stay_settings(args)}
 
 
 def _privacy_sweep(args: argparse.Namespace) -> int:

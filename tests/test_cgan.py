@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -172,6 +173,7 @@ def test_tight_bounds_and_ragged_data_are_honoured(ragged):
 
 def test_times_keep_the_training_resolution_without_duplicates(fitted, synthetic):
     assert fitted.layout_.time_resolution == pytest.approx(1 / 60)
+    assert not fitted.layout_.slots  # 48 hours of minutes are far more slots than steps
     minutes = synthetic.events["time"].to_numpy() * 60
     np.testing.assert_allclose(minutes, np.round(minutes), atol=1e-6)
     assert not synthetic.events.duplicated([synthetic.id_column, "time"]).any()
@@ -238,6 +240,61 @@ def test_gaps_not_times_are_rounded_to_the_time_resolution(fitted, cohort):
     times, _, lengths = layout.decode_steps(steps)
     assert lengths.tolist() == [5]
     np.testing.assert_allclose(times[0], [0.0, 1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.fixture(scope="module")
+def on_the_hour(cohort) -> Cohort:
+    """The simulated stays on an hourly grid (each hour's values averaged), as the PhysioNet
+    loader's ``resample="1h"`` gives them."""
+    events = cohort.events.copy()
+    events["time"] = np.floor(events["time"])
+    events = events.groupby([cohort.id_column, "time"], as_index=False).mean()
+    return Cohort(cohort.static, events, cohort.schema, cohort.metadata)
+
+
+def test_a_cohort_on_a_time_grid_is_generated_slot_by_slot(on_the_hour):
+    """Every hour of the window is a step that holds observations or not: generated times lie
+    on the grid inside the window, and stays are not cut short by a generated end."""
+    model = tiny(epochs=2).fit(on_the_hour)
+    layout = model.layout_
+    last = on_the_hour.arrays.times[on_the_hour.arrays.step_mask].max()
+    assert layout.slots and layout.time_resolution == 1.0 and layout.time_max == last
+    assert layout.n_steps == int(last) + 1
+    real = on_the_hour.arrays
+    times, values, lengths = layout.decode_steps(layout.encode_steps(on_the_hour))
+    np.testing.assert_array_equal(lengths, real.lengths)
+    np.testing.assert_array_equal(
+        times[:, : real.max_length][real.step_mask], real.times[real.step_mask]
+    )
+    np.testing.assert_allclose(
+        values[:, : real.max_length][real.mask], real.values[real.mask], rtol=1e-4
+    )
+    synthetic = model.sample(100, seed=0)
+    generated = synthetic.events["time"].to_numpy()
+    np.testing.assert_array_equal(generated, np.round(generated))
+    assert generated.min() >= 0 and generated.max() <= last
+    assert not synthetic.events.duplicated([synthetic.id_column, "time"]).any()
+    # The generator starts with most slots observed, as most hours of a stay are.
+    assert synthetic.arrays.lengths.mean() > 0.5 * layout.n_steps
+
+
+def test_a_declared_grid_and_window_give_slots_under_dp(on_the_hour):
+    """The slots come from the settings alone, so max_steps left unset needs no warning."""
+    config = dataclasses.replace(TINY, max_time=30.0, time_grid=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrivacyWarning)
+        model = tiny(epochs=1, epsilon=5.0, config=config).fit(on_the_hour)
+    layout = model.layout_
+    assert layout.slots and layout.n_steps == 31 and layout.time_max == 30.0
+    generated = model.sample(50, seed=0).events["time"].to_numpy()
+    np.testing.assert_array_equal(generated, np.round(generated))
+    assert generated.max() <= 30
+
+
+def test_times_off_a_declared_grid_are_refused_naming_the_patient(cohort):
+    config = dataclasses.replace(TINY, time_grid=1.0)
+    with pytest.raises(DataError, match=r"patient .* at time .* off the time grid of 1"):
+        tiny(epochs=1, config=config).fit(cohort)
 
 
 def test_steps_sharing_a_time_are_merged():
@@ -524,6 +581,8 @@ def test_unset_steps_and_critic_width_take_private_defaults_under_dp(cohort, mon
         ({"gradient_penalty": float("nan")}, "gradient_penalty"),
         ({"condition_rate": 1.5}, "condition_rate"),
         ({"betas": (0.5, 1.0)}, "betas"),
+        ({"time_grid": 0.0}, "time_grid"),
+        ({"max_time": True}, "max_time"),
     ],
 )
 def test_bad_config_fails_at_construction(change, match):

@@ -322,8 +322,17 @@ def test_benchmark_needs_the_physionet_folder(tmp_path):
         ),  # fmt: skip
         (("privacy-sweep", "{w}/absent.csv", "--out", "{w}/ps"), "no data at"),
         (
-            ("fit", "{w}/cohort.csv", "--model", "cgan", "--out", "{w}/c", "--max-time", "48"),
-            "--max-time does not apply to the cgan model",
+            (
+                "fit",
+                "{w}/cohort.csv",
+                "--model",
+                "gaussian-copula",
+                "--out",
+                "{w}/c",
+                "--max-time",
+                "48",
+            ),
+            "--max-time does not apply to the gaussian-copula model",
         ),
         (("fit", "{w}/cohort.csv", "--model", "lstm", "--out", "{w}/c", "--max-time", "0"), "0"),
         ((), "required"),
@@ -357,7 +366,10 @@ def test_fit_writes_checkpoints_and_resumes_them(work):
 
 @pytest.mark.parametrize(
     ("model", "expected"),
-    [("lstm", {"max_length": 48}), ("cgan", {"config": CGANConfig(max_steps=48)})],
+    [
+        ("lstm", {"max_length": 48, "max_time": 36.0}),
+        ("cgan", {"config": CGANConfig(max_steps=48, max_time=36.0)}),
+    ],
 )
 @pytest.mark.parametrize(
     ("command", "settings"), [("privacy-sweep", _sweep_settings), ("fit", _fit_settings)]
@@ -366,6 +378,7 @@ def test_fit_and_privacy_sweep_set_each_models_stay_length(command, settings, mo
     parser = build_parser()
     args = parser.parse_args(
         [command, "data.csv", "--out", "o", "--model", model, "--max-length", "48"]
+        + ["--max-time", "36"]
     )
     assert settings(args) == expected
     bare = parser.parse_args([command, "data.csv", "--out", "o", "--model", model])

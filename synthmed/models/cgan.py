@@ -139,6 +139,15 @@ class CGANConfig:
             read from the data (it would leak): every stay is modelled over ``max_steps``
             steps, 256 when None; set it near your stays' length, as training time and
             quality follow it (PhysioNet 2012 on the hourly grid: 64).
+        max_time: End of the observation window, in the cohort's time unit (PhysioNet 2012:
+            48 hours); later steps are dropped. None: the last training time, or under DP,
+            where that would leak, ``max_steps`` time units.
+        time_grid: The grid the times lie on (1.0 for an hourly grid). None: detected from the
+            training times, or under DP none. When the window holds at most ``max_steps`` grid
+            slots (and, without DP, at most four times the longest stay's steps), every slot
+            is a step and the generator says which slots hold observations: stays then fill
+            the window as real ones do (PhysioNet 2012 on the hourly grid: 49 slots). Otherwise
+            steps are observations and generated gaps are rounded to the grid.
         sample_batch_size: Patients generated per forward pass when sampling.
     """
 
@@ -163,6 +172,8 @@ class CGANConfig:
     condition_rate: float = 0.5
     temperature: float = 0.5
     max_steps: int | None = None
+    max_time: float | None = None
+    time_grid: float | None = None
     sample_batch_size: int = 4096
 
     def __post_init__(self) -> None:
@@ -188,9 +199,16 @@ class CGANConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CGANConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("generator_lr", "critic_lr", "temperature"):
+        for name in ("generator_lr", "critic_lr", "temperature", "max_time", "time_grid"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            if value is None and name in ("max_time", "time_grid"):
+                continue
+            if not (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value > 0
+            ):
                 raise ValueError(f"CGANConfig.{name} must be a positive number, got {value!r}")
         steps = self.static_critic_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -221,6 +239,8 @@ class _Layout:
     time_resolution: float | None = None
     #: Per numeric column, where its recorded values lie (see :func:`_fit_grid`).
     grids: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: Steps are the slots of the time grid, ``gap_scale`` (the grid step) apart from time 0.
+    slots: bool = False
 
     @property
     def schema(self) -> Schema:
@@ -285,22 +305,27 @@ class _Layout:
         return dims
 
     def encode_steps(self, cohort: Cohort) -> torch.Tensor:
-        """The cohort's sequences in the critic's step layout, ``[N, n_steps, F]``."""
+        """The cohort's sequences in the critic's step layout, ``[N, n_steps, F]``; steps after
+        ``time_max`` are dropped."""
         arrays, t = cohort.arrays, self.n_steps
         n, v = arrays.n_patients, len(self.variables)
-        lengths = np.minimum(arrays.lengths, t)
-        width = arrays.values.shape[1]
-        alive = np.arange(t)[None, :] < lengths[:, None]
-        steps_present = min(width, t)
-        gaps = np.zeros((n, t))
-        times = np.zeros((n, t))
-        mask = np.zeros((n, t, v), dtype=bool)
-        raw = np.full((n, t, v), np.nan, dtype=np.float32)
-        gaps[:, :steps_present] = arrays.gaps[:, :steps_present]
-        times[:, :steps_present] = arrays.times[:, :steps_present]
-        mask[:, :steps_present] = arrays.mask[:, :steps_present]
-        raw[:, :steps_present] = arrays.values[:, :steps_present]
-        mask &= alive[..., None]
+        inside = arrays.step_mask & (arrays.times <= self.time_max + 1e-9)
+        if self.slots:
+            gaps, alive, times, mask, raw = self._slot_arrays(cohort, inside)
+        else:
+            lengths = np.minimum(inside.sum(1), t)
+            width = arrays.values.shape[1]
+            alive = np.arange(t)[None, :] < lengths[:, None]
+            steps_present = min(width, t)
+            gaps = np.zeros((n, t))
+            times = np.zeros((n, t))
+            mask = np.zeros((n, t, v), dtype=bool)
+            raw = np.full((n, t, v), np.nan, dtype=np.float32)
+            gaps[:, :steps_present] = arrays.gaps[:, :steps_present]
+            times[:, :steps_present] = arrays.times[:, :steps_present]
+            mask[:, :steps_present] = arrays.mask[:, :steps_present]
+            raw[:, :steps_present] = arrays.values[:, :steps_present]
+            mask &= alive[..., None]
         scaled = np.nan_to_num(self.scaler.transform(raw), nan=0.0)
         columns = []
         for j, head in enumerate(self.value_heads()):
@@ -323,6 +348,25 @@ class _Layout:
         )
         return torch.as_tensor(steps, dtype=torch.float32)
 
+    def _slot_arrays(
+        self, cohort: Cohort, inside: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(gaps, alive, times, mask, raw values)`` of the steps ``inside`` placed on the grid's
+        slots; every time lies on the grid (see ``_fit_layout``), so no two steps share one."""
+        arrays, t = cohort.arrays, self.n_steps
+        n, v = arrays.n_patients, len(self.variables)
+        slot = np.rint(arrays.times / self.gap_scale).astype(np.int64)
+        rows, cols = np.nonzero(inside & (slot < t))
+        where = (rows, slot[rows, cols])
+        alive = np.zeros((n, t), dtype=bool)
+        mask = np.zeros((n, t, v), dtype=bool)
+        raw = np.full((n, t, v), np.nan, dtype=np.float32)
+        alive[where] = True
+        mask[where] = arrays.mask[rows, cols]
+        raw[where] = arrays.values[rows, cols]
+        times = np.broadcast_to(np.arange(t) * self.gap_scale, (n, t))
+        return np.zeros((n, t)), alive, times, mask, raw
+
     def decode_steps(self, steps: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Generated steps → ``(times, values, lengths)``.
 
@@ -337,7 +381,9 @@ class _Layout:
         v = len(self.variables)
         times = steps[..., 1].astype(np.float64) * self.time_max
         alive = (steps[..., 2] > 0.5) & (steps[..., 1] <= 1.0 + 1e-6)
-        if self.time_resolution:
+        if self.slots:
+            times = np.broadcast_to(np.arange(steps.shape[1]) * self.gap_scale, times.shape)
+        elif self.time_resolution:
             step = self.time_resolution
             gaps = np.round(np.diff(times, axis=1) / step) * step
             first = np.round(times[:, :1] / step) * step
@@ -371,6 +417,7 @@ class _Layout:
             "time_max": self.time_max,
             "time_resolution": self.time_resolution,
             "grids": self.grids,
+            "slots": self.slots,
         }
 
     @classmethod
@@ -387,6 +434,7 @@ class _Layout:
             float(data["time_max"]),
             data.get("time_resolution"),
             _saved_grids(data.get("grids", {})),
+            bool(data.get("slots", False)),
         )
 
     def to_grid(self, name: str, values: np.ndarray, generator: torch.Generator) -> np.ndarray:
@@ -432,6 +480,24 @@ def _time_resolution(times: np.ndarray) -> float | None:
     unit = float(np.diff(distinct).min())
     multiples = distinct / unit
     return unit if np.allclose(multiples, np.round(multiples), rtol=0, atol=1e-6) else None
+
+
+def _check_on_grid(cohort: Cohort, resolution: float, time_max: float) -> None:
+    """Refuse a cohort with a step time (inside the window) off the grid of ``resolution``."""
+    arrays = cohort.arrays
+    multiples = arrays.times / resolution
+    off = (
+        arrays.step_mask
+        & (arrays.times <= time_max)
+        & (np.abs(multiples - np.rint(multiples)) > 1e-6)
+    )
+    if off.any():
+        row, step = np.argwhere(off)[0]
+        raise DataError(
+            f"patient {cohort.ids[row]!r} has a step at time {arrays.times[row, step]:g}, off "
+            f"the time grid of {resolution:g} (CGANConfig.time_grid); {int(off.sum())} steps "
+            "are off it: resample the cohort onto the grid or set another time_grid"
+        )
 
 
 def _merge_equal_times(
@@ -480,6 +546,9 @@ def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
 _MAX_STEPS = 512
 _CRITIC_HIDDEN = 256
 _PRIVATE_CRITIC_HIDDEN = 64
+#: Without DP, grid slots are the steps only while a window holds at most this many slots per
+#: step of the longest stay (sparse stays on a fine grid stay event by event).
+_SLOTS_PER_STEP = 4
 
 #: Shares of epsilon under DP: the value histograms (``private_summary``), the static and the
 #: patient moments (``_MomentTargets``), the critics, and, when the schema has a binary outcome,
@@ -579,13 +648,17 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             raise ValueError(f"config must be a CGANConfig, got {type(config).__name__}")
         self.config = config if config is not None else CGANConfig()
 
+    def _step_cap(self) -> int:
+        """``config.max_steps``, or (None) 512, under DP ``PRIVATE_MAX_STEPS``."""
+        private = self.epsilon is not None
+        return self.config.max_steps or (PRIVATE_MAX_STEPS if private else _MAX_STEPS)
+
     def _max_steps(self, cohort: Cohort) -> int:
-        """Steps modelled per stay: ``config.max_steps``, or (None) the longest stay in
-        ``cohort`` up to 512, under DP ``PRIVATE_MAX_STEPS``."""
+        """Steps modelled per stay: the :meth:`_step_cap`, without DP at most the longest stay
+        in ``cohort``."""
         if self.epsilon is not None:
-            return self.config.max_steps or PRIVATE_MAX_STEPS
-        longest = max(1, int(cohort.arrays.lengths.max(initial=0)))
-        return min(longest, self.config.max_steps or _MAX_STEPS)
+            return self._step_cap()
+        return min(max(1, int(cohort.arrays.lengths.max(initial=0))), self._step_cap())
 
     def _critic_hidden(self) -> int:
         private = _PRIVATE_CRITIC_HIDDEN if self.epsilon is not None else _CRITIC_HIDDEN
@@ -617,6 +690,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             config.lstm_hidden,
             config.lstm_layers,
             layout.max_log_gap,
+            layout.slots,
         )
         self.layout_ = layout
         self.generator_ = Generator(static, sequence).to(self.device_)
@@ -634,27 +708,43 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         else:
             scaler = summary.value_scaler(cohort.schema)
         grids = self._fit_grids(cohort, learn=not from_bounds)
+        n_steps, config = self._max_steps(cohort), self.config
         if from_bounds:
-            # Under DP nothing is read from the data outside the private critic: max_steps
-            # steps, gaps in the cohort's time unit, a horizon of max_steps units, no time grid.
-            n_steps = self._max_steps(cohort)
-            return _Layout(encoder, scaler, n_steps, 1.0, float(n_steps), None, grids)
-        inside = arrays.step_mask
-        gaps = arrays.gaps[inside]
-        positive = gaps[gaps > 0]
-        gap_scale = float(np.median(positive)) if len(positive) else 1.0
-        time_max = float(arrays.times[inside].max()) if inside.any() else 0.0
-        n_steps = self._max_steps(cohort)
-        time_max = max(time_max, gap_scale)
-        return _Layout(
-            encoder,
-            scaler,
-            n_steps,
-            gap_scale,
-            time_max,
-            _time_resolution(arrays.times[inside]),
-            grids,
-        )
+            # Under DP nothing is read from the data outside the private critic: the steps,
+            # window and grid are the settings, gaps are in the cohort's time unit.
+            time_max = self._private_window(cohort)
+            resolution, gap_scale = config.time_grid, 1.0
+        else:
+            inside = arrays.step_mask
+            if config.max_time is not None:
+                inside = inside & (arrays.times <= config.max_time)
+            gaps = arrays.gaps[inside]
+            positive = gaps[gaps > 0]
+            gap_scale = float(np.median(positive)) if len(positive) else 1.0
+            last = float(arrays.times[inside].max()) if inside.any() else 0.0
+            time_max = max(config.max_time or last, gap_scale)
+            resolution = config.time_grid or _time_resolution(arrays.times[inside])
+        slots = self._slots(cohort, time_max, resolution)
+        if slots is not None:
+            _check_on_grid(cohort, resolution, time_max)
+            return _Layout(encoder, scaler, slots, resolution, time_max, resolution, grids, True)
+        return _Layout(encoder, scaler, n_steps, gap_scale, time_max, resolution, grids)
+
+    def _private_window(self, cohort: Cohort) -> float:
+        """The observation window under DP: ``config.max_time``, else ``max_steps`` units."""
+        return self.config.max_time or float(self._max_steps(cohort))
+
+    def _slots(self, cohort: Cohort, time_max: float, resolution: float | None) -> int | None:
+        """The number of grid slots in the window, when they are to be the steps (see
+        ``CGANConfig.time_grid``), else None."""
+        if not resolution:
+            return None
+        slots = int(math.floor(time_max / resolution + 1e-9)) + 1
+        if slots > self._step_cap():
+            return None
+        if self.epsilon is None and slots > _SLOTS_PER_STEP * self._max_steps(cohort):
+            return None
+        return slots
 
     @staticmethod
     def _fit_grids(cohort: Cohort, learn: bool) -> dict[str, dict[str, Any]]:
@@ -684,10 +774,13 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             from synthmed.models.privacy import check_public_schema
 
             check_public_schema(cohort)
-            if config.max_steps is None:
+            window = self._private_window(cohort)
+            slots = self._slots(cohort, window, config.time_grid)
+            if slots is None and config.max_steps is None:
                 warn_unset_steps("CGANConfig.max_steps")
-            inside = cohort.arrays.step_mask
-            max_steps = self._max_steps(cohort)
+            arrays = cohort.arrays
+            inside = arrays.step_mask & (arrays.times <= window + 1e-9)
+            max_steps = slots or self._max_steps(cohort)
             inside = inside & (np.arange(inside.shape[1])[None, :] < max_steps)
             summary = release_summary(
                 self,
@@ -727,9 +820,10 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
                 ),
             }
             targets = self._moment_targets(summary, released, device)
-            end_time, log_gap = self._released_stay(targets)
-            window = end_time + math.expm1(log_gap) * layout.gap_scale / layout.time_max
-            self.generator_.sequence.start_at_stay(window, log_gap)
+            if not layout.slots:
+                end_time, log_gap = self._released_stay(targets)
+                window = end_time + math.expm1(log_gap) * layout.gap_scale / layout.time_max
+                self.generator_.sequence.start_at_stay(window, log_gap)
         n_patients = real_static.shape[0]
         noise = torch.Generator(device=device).manual_seed(_draw_seed(generator))
 
@@ -1295,7 +1389,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
                 self.config.temperature,
             )
             chunks.append(steps)
-            if not bool(carry.alive.any()):
+            if not sequence.slots and not bool(carry.alive.any()):
                 break
         return torch.cat(chunks, dim=1)[:, : layout.n_steps]
 

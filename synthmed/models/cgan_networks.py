@@ -9,6 +9,8 @@ Layout of an encoded patient, shared by the generator's output and the critic's 
   time, ``alive`` is 1 inside the sequence, ``mask`` says which variables are observed and
   ``values`` holds one column per numeric variable (standardised by ``ValueScaler``) and one-hot
   columns per categorical variable, zero where unobserved. Everything is zero after the end.
+  On a time grid's slots (``slots``) step ``k`` is the slot at time ``k * gap_scale``, ``alive``
+  says whether it holds observations, and the log-gap is 0.
 
 The generator is a static MLP (:class:`StaticGenerator`) followed by stacked LSTM cells
 (:class:`SequenceGenerator`) that emit ``steps_per_cell`` steps per LSTM step (DoppelGANger's
@@ -245,10 +247,10 @@ class PatientScale:
 class Carry:
     """What the sequence generator carries from one LSTM step to the next.
 
-    ``state`` is the LSTM state; ``alive``, ``time`` (absolute, over ``time_max``), ``last``
-    (the last observed value of each value column, 0 before any) and ``seen`` (whether each
-    variable was observed yet) are fed back as inputs, so the generator knows how long the
-    stay has lasted and where each variable stands. ``patient`` holds the per-patient latents
+    ``state`` is the LSTM state; ``alive``, ``time`` (absolute, over ``time_max``; on slots,
+    the next slot's), ``last`` (the last observed value of each value column, 0 before any) and
+    ``seen`` (whether each variable was observed yet) are fed back as inputs, so the generator
+    knows how long the stay has lasted and where each variable stands. ``patient`` holds the per-patient latents
     and ``level`` the latent trajectory's current value.
     """
 
@@ -269,7 +271,9 @@ class SequenceGenerator(nn.Module):
 
     Each step: a gap (in ``log1p(gap / gap_scale)`` space, soft-bounded to ``[0, max_log_gap]``),
     an end flag (the sequence stops *before* a step whose flag is 1, so empty sequences are
-    possible), the observation mask and the values. The inputs of each LSTM step are the static
+    possible), the observation mask and the values. With ``slots`` the steps are the slots of a
+    time grid instead, ``gap_scale`` apart from time 0: the gap output is unused, the flag says
+    whether the slot holds observations, and no window cuts the sequence. The inputs of each LSTM step are the static
     vector, a per-patient noise vector, fresh noise, the step's relative position and the fed-back
     :class:`Carry` (elapsed time, last values); the initial state is a function of the static
     vector and the patient noise. The state is carried forward, never recomputed.
@@ -286,9 +290,10 @@ class SequenceGenerator(nn.Module):
         hidden: int,
         layers: int,
         max_log_gap: float,
+        slots: bool = False,
     ) -> None:
         super().__init__()
-        self.n_variables, self.n_steps = n_variables, n_steps
+        self.n_variables, self.n_steps, self.slots = n_variables, n_steps, slots
         self.steps_per_cell, self.noise_dim = steps_per_cell, noise_dim
         self.hidden, self.layers = hidden, layers
         self.n_cells = -(-n_steps // steps_per_cell)
@@ -328,9 +333,10 @@ class SequenceGenerator(nn.Module):
             [nn.LSTMCell(inputs if i == 0 else hidden, hidden) for i in range(layers)]
         )
         self.out = nn.Linear(hidden, steps_per_cell * self.step_outputs)
-        # Start with a very low end hazard: at first, stays end with the window, not by chance.
+        # Start with a very low end hazard: at first, stays end with the window, not by chance;
+        # on slots, with most slots observed.
         with torch.no_grad():
-            self.out.bias.view(steps_per_cell, self.step_outputs)[:, 1] = -7.0
+            self.out.bias.view(steps_per_cell, self.step_outputs)[:, 1] = 2.0 if slots else -7.0
 
     def start_at_rates(self, observation_rates: torch.Tensor) -> None:
         """Start each variable's observation logits at ``observation_rates`` (per step, ``[V]``
@@ -449,14 +455,21 @@ class SequenceGenerator(nn.Module):
             -1,
         )
         out = self.activation(raw, generator, temperature)
-        gap = out[..., 0]
-        time = carry.time[:, None] + torch.cumsum(torch.expm1(gap), 1) * time_scale
-        inside = time - patient.window[:, None]
-        hard = (inside <= 0).to(time.dtype)
-        soft = torch.sigmoid(-inside / WINDOW_SOFTNESS)
-        inside = hard + soft - soft.detach() if soft.requires_grad else hard
-        alive = carry.alive[:, None] * torch.cumprod(1 - out[..., 1], dim=1) * inside
-        log_gap = gap * alive
+        if self.slots:
+            time = carry.time[:, None] + self.lags[:, 0] * time_scale  # this cell's slots
+            alive = out[..., 1]
+            log_gap = torch.zeros_like(alive)
+            next_time = time[:, -1] + time_scale
+        else:
+            gap = out[..., 0]
+            time = carry.time[:, None] + torch.cumsum(torch.expm1(gap), 1) * time_scale
+            inside = time - patient.window[:, None]
+            hard = (inside <= 0).to(time.dtype)
+            soft = torch.sigmoid(-inside / WINDOW_SOFTNESS)
+            inside = hard + soft - soft.detach() if soft.requires_grad else hard
+            alive = carry.alive[:, None] * torch.cumprod(1 - out[..., 1], dim=1) * inside
+            log_gap = gap * alive
+            next_time = time[:, -1]
         mask = out[..., 2 : 2 + v] * alive[..., None] * patient.charted[:, None, :]
         column_mask = mask[..., self.value_variable]
         values = out[..., 2 + v :] * column_mask
@@ -469,7 +482,7 @@ class SequenceGenerator(nn.Module):
         next_carry = Carry(
             state,
             alive[:, -1],
-            time[:, -1],
+            next_time,
             torch.where(observed, last_here, carry.last),
             torch.maximum(carry.seen, mask.amax(1)),
             patient,
