@@ -94,7 +94,6 @@ def main() -> None:
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(args.threads))
     import numpy as np
-    import pandas as pd
     import torch
 
     from synthmed import CGANSynthesizer, Cohort, LSTMSynthesizer
@@ -129,12 +128,10 @@ def main() -> None:
     config = json.loads(args.config) if args.config else {}
     if args.model == "lstm":
         settings.update(validation_fraction=0.0, max_length=args.max_length)
-    else:  # the CGAN's steps, window and time grid are config settings (public under DP)
+    else:  # the CGAN's steps and window are config settings (public under DP)
         config.setdefault("max_steps", args.max_length)
         if args.max_time > 0:
             config.setdefault("max_time", args.max_time)
-        if resample:
-            config.setdefault("time_grid", pd.Timedelta(resample) / pd.Timedelta(hours=1))
     if config:
         settings["config"] = model_class.config_class(**config)
     if args.learning_rate is not None:

@@ -21,6 +21,7 @@ from synthmed.models.cgan import (
     _merge_equal_times,
 )
 from synthmed.models.cgan_networks import (
+    SINCE_BUCKETS,
     STEP_PREFIX,
     Critic,
     Head,
@@ -427,7 +428,7 @@ def test_conditions_reach_the_sequences(fitted):
     # Same seed, same noise: only the conditions differ, and they reach the free static
     # columns (drawn conditionally, not independently) and the sequences.
     assert not np.array_equal(a.static["Age"], b.static["Age"])
-    assert not np.array_equal(a.arrays.lengths, b.arrays.lengths)
+    assert not np.array_equal(np.nan_to_num(a.arrays.values), np.nan_to_num(b.arrays.values))
 
 
 # -- persistence -----------------------------------------------------------------------------------
@@ -613,6 +614,37 @@ def test_params_round_trip_and_repr(fitted):
     rebuilt = CGANSynthesizer(**{**params, "config": CGANConfig(**params["config"])})
     assert rebuilt.config == TINY
     assert "CGANSynthesizer(" in repr(fitted)
+
+
+def test_observations_follow_the_time_since_the_last_one():
+    """A variable whose logit is high only four slots after its last observation (and before
+    any) is charted every fourth slot; one with a flat shift at every step is not."""
+    n_variables, n_slots = 2, 16
+    network = SequenceGenerator(
+        static_width=1,
+        n_variables=n_variables,
+        value_heads=[Head("numeric", j) for j in range(n_variables)],
+        n_steps=n_slots,
+        steps_per_cell=4,
+        noise_dim=2,
+        hidden=8,
+        layers=1,
+        max_log_gap=3.0,
+        slots=True,
+    )
+    with torch.no_grad():
+        network.out.weight.zero_()
+        network.out.bias.view(4, -1)[:, 1] = 30.0  # every slot holds observations
+        network.out.bias.view(4, -1)[:, 2 : 2 + n_variables] = 0.0
+        network.since_logits.fill_(-30.0)
+        network.since_logits[0, [4, SINCE_BUCKETS]] = 30.0
+        network.since_logits[1] = 30.0
+    with torch.no_grad():  # hard 0/1 draws, without the straight-through terms
+        steps = network(torch.zeros(50, 1), 1 / n_slots, torch.Generator().manual_seed(0), 0.5)
+    mask = steps[..., STEP_PREFIX : STEP_PREFIX + n_variables]
+    every_fourth = (torch.arange(n_slots) % 4 == 0).float()
+    assert torch.equal(mask[..., 0], every_fourth.expand(50, -1))
+    assert bool((mask[..., 1] == 1).all())
 
 
 def test_a_variable_not_charted_for_a_patient_is_never_observed():

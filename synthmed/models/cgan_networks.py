@@ -37,6 +37,10 @@ BOUND_SHARPNESS = 4.0
 STEP_PREFIX = 3
 #: Softness (over the longest time) of the straight-through cut at the end of the window.
 WINDOW_SOFTNESS = 0.02
+#: Buckets of the time since a variable was last observed (in units of ``gap_scale``; the
+#: last bucket holds everything longer) that shift its observation logit, plus one for "not
+#: yet observed" (see :class:`SequenceGenerator`).
+SINCE_BUCKETS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +253,9 @@ class Carry:
 
     ``state`` is the LSTM state; ``alive``, ``time`` (absolute, over ``time_max``; on slots,
     the next slot's), ``last`` (the last observed value of each value column, 0 before any) and
-    ``seen`` (whether each variable was observed yet) are fed back as inputs, so the generator
-    knows how long the stay has lasted and where each variable stands. ``patient`` holds the per-patient latents
+    ``seen`` (whether each variable was observed yet) are fed back as inputs, as is ``since``
+    (the time since each variable was last observed, inf before), so the generator knows how
+    long the stay has lasted and where each variable stands. ``patient`` holds the per-patient latents
     and ``level`` the latent trajectory's current value.
     """
 
@@ -261,9 +266,13 @@ class Carry:
     seen: torch.Tensor
     patient: PatientScale
     level: torch.Tensor
+    since: torch.Tensor
 
     def features(self) -> torch.Tensor:
-        return torch.cat([self.alive[:, None], self.time[:, None], self.last, self.seen], dim=1)
+        recency = torch.exp(-self.since / SINCE_BUCKETS)
+        return torch.cat(
+            [self.alive[:, None], self.time[:, None], self.last, self.seen, recency], dim=1
+        )
 
 
 class SequenceGenerator(nn.Module):
@@ -273,7 +282,13 @@ class SequenceGenerator(nn.Module):
     an end flag (the sequence stops *before* a step whose flag is 1, so empty sequences are
     possible), the observation mask and the values. With ``slots`` the steps are the slots of a
     time grid instead, ``gap_scale`` apart from time 0: the gap output is unused, the flag says
-    whether the slot holds observations, and no window cuts the sequence. The inputs of each LSTM step are the static
+    whether the slot holds observations, and no window cuts the sequence.
+
+    Each variable's observation logit is shifted by a learned function of the time since it was
+    last observed (``since_logits``, one value per bucket of :data:`SINCE_BUCKETS`), drawn
+    step by step: charting follows schedules. Independent draws per step gave PhysioNet 2012's
+    temperatures gaps of one hour 55 % of the time against 45 % (27 % are four hours apart:
+    every four hours) and glucose 16 % against 1 %. The inputs of each LSTM step are the static
     vector, a per-patient noise vector, fresh noise, the step's relative position and the fed-back
     :class:`Carry` (elapsed time, last values); the initial state is a function of the static
     vector and the patient noise. The state is carried forward, never recomputed.
@@ -303,8 +318,11 @@ class SequenceGenerator(nn.Module):
             *[Head("binary", 2 + j) for j in range(n_variables)],
             *[dataclasses.replace(h, start=h.start + 2 + n_variables) for h in value_heads],
         ]
-        self.activation = Activation(heads)
-        self.step_outputs = self.activation.width
+        # The mask columns are drawn step by step in _steps, not by the activation.
+        self.activation = Activation([h for h in heads if not 2 <= h.start < 2 + n_variables])
+        self.step_outputs = sum(h.width for h in heads)
+        self.since_logits = nn.Parameter(torch.zeros(n_variables, SINCE_BUCKETS + 1))
+        self.register_buffer("variable_index", torch.arange(n_variables), persistent=False)
         self.value_width = sum(h.width for h in value_heads)
         widths = torch.tensor([h.width for h in value_heads], dtype=torch.long)
         self.register_buffer(
@@ -312,7 +330,7 @@ class SequenceGenerator(nn.Module):
             torch.repeat_interleave(torch.arange(n_variables), widths),
             persistent=False,
         )
-        feedback = 2 + self.value_width + n_variables
+        feedback = 2 + self.value_width + 2 * n_variables
         self.register_buffer(
             "numeric_value",
             torch.tensor([h.kind == "numeric" for h in value_heads for _ in range(h.width)]),
@@ -390,6 +408,7 @@ class SequenceGenerator(nn.Module):
             static.new_zeros(n, self.n_variables),
             patient,
             level=patient.centre,
+            since=static.new_full((n, self.n_variables), math.inf),
         )
         return patient_noise, carry
 
@@ -460,6 +479,7 @@ class SequenceGenerator(nn.Module):
             alive = out[..., 1]
             log_gap = torch.zeros_like(alive)
             next_time = time[:, -1] + time_scale
+            elapsed = torch.ones_like(alive)
         else:
             gap = out[..., 0]
             time = carry.time[:, None] + torch.cumsum(torch.expm1(gap), 1) * time_scale
@@ -470,7 +490,11 @@ class SequenceGenerator(nn.Module):
             alive = carry.alive[:, None] * torch.cumprod(1 - out[..., 1], dim=1) * inside
             log_gap = gap * alive
             next_time = time[:, -1]
-        mask = out[..., 2 : 2 + v] * alive[..., None] * patient.charted[:, None, :]
+            elapsed = torch.expm1(gap)
+        allowed = alive[..., None] * patient.charted[:, None, :]
+        mask, since = self._masks(
+            raw[..., 2 : 2 + v], allowed, elapsed, carry.since, generator, temperature
+        )
         column_mask = mask[..., self.value_variable]
         values = out[..., 2 + v :] * column_mask
         steps = torch.cat(
@@ -487,8 +511,35 @@ class SequenceGenerator(nn.Module):
             torch.maximum(carry.seen, mask.amax(1)),
             patient,
             level[:, -1],
+            since,
         )
         return steps, next_carry
+
+    def _masks(
+        self,
+        logits: torch.Tensor,
+        allowed: torch.Tensor,
+        elapsed: torch.Tensor,
+        since: torch.Tensor,
+        generator: torch.Generator,
+        temperature: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observation masks ``[B, S, V]`` of one cell's steps, drawn step by step with each
+        variable's logit shifted by ``since_logits`` at the time since it was last observed
+        (``since``, ``[B, V]``, in ``gap_scale`` units, inf before any observation; ``elapsed``
+        ``[B, S]`` is the time from the previous step) and zero where not ``allowed`` (after the
+        stay, or a variable not charted for the patient), and ``since`` after the cell."""
+        masks = []
+        for k in range(logits.shape[1]):
+            since = since + elapsed[:, k, None]
+            bucket = torch.where(
+                torch.isinf(since), SINCE_BUCKETS, since.clamp(max=SINCE_BUCKETS - 1).floor()
+            ).long()
+            shift = self.since_logits[self.variable_index, bucket]
+            mask = st_bernoulli(logits[:, k] + shift, generator, temperature) * allowed[:, k]
+            since = torch.where(mask > 0.5, 0.0, since)
+            masks.append(mask)
+        return torch.stack(masks, 1), since
 
     def forward(
         self,
