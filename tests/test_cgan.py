@@ -257,6 +257,7 @@ def test_a_cohort_on_a_time_grid_is_generated_slot_by_slot(on_the_hour):
     """Every hour of the window is a step that holds observations or not: generated times lie
     on the grid inside the window, and stays are not cut short by a generated end."""
     model = tiny(epochs=2).fit(on_the_hour)
+    assert model.generator_.sequence.since_logits.any(), "observation schedules are learnt"
     layout = model.layout_
     last = on_the_hour.arrays.times[on_the_hour.arrays.step_mask].max()
     assert layout.slots and layout.time_resolution == 1.0 and layout.time_max == last
@@ -287,6 +288,7 @@ def test_a_declared_grid_and_window_give_slots_under_dp(on_the_hour):
         model = tiny(epochs=1, epsilon=5.0, config=config).fit(on_the_hour)
     layout = model.layout_
     assert layout.slots and layout.n_steps == 31 and layout.time_max == 30.0
+    assert not model.generator_.sequence.schedules  # see SequenceGenerator
     generated = model.sample(50, seed=0).events["time"].to_numpy()
     np.testing.assert_array_equal(generated, np.round(generated))
     assert generated.max() <= 30
@@ -542,6 +544,7 @@ def test_private_training_spends_at_most_the_budget_and_records_it(cohort, monke
     np.testing.assert_array_equal(model.layout_.scaler.center_, expected.center_)
     np.testing.assert_array_equal(model.layout_.scaler.scale_, expected.scale_)
     assert model.labelled_columns_ == ["In-hospital_death"]
+    assert not model.generator_.sequence.schedules  # see SequenceGenerator
     # No value grid is read from the data: only the schema's integer flag counts.
     numeric = [n for n in cohort.schema.columns if cohort.schema[n].kind == "numeric"]
     expected = {n: {"resolution": 1.0 if cohort.schema[n].integer else 0.0} for n in numeric}

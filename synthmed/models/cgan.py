@@ -691,6 +691,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             config.lstm_layers,
             layout.max_log_gap,
             layout.slots,
+            schedules=layout.slots and self.epsilon is None,
         )
         self.layout_ = layout
         self.generator_ = Generator(static, sequence).to(self.device_)
