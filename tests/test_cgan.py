@@ -634,6 +634,7 @@ def test_observations_follow_the_time_since_the_last_one():
         layers=1,
         max_log_gap=3.0,
         slots=True,
+        schedules=True,
     )
     with torch.no_grad():
         network.out.weight.zero_()

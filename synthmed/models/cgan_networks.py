@@ -234,7 +234,9 @@ class PatientScale:
     go together, like an arterial line's MAP, SysABP and DiasABP, stay together): a variable
     not charted for a patient is never observed. Continuous propensities alone cannot make "all
     or nothing": in PhysioNet 2012, 28 % of patients have RespRate, at 90 % of their steps;
-    without the flag the generator gave it to 34 % of patients at 58 % of their steps.
+    without the flag the generator gave it to 34 % of patients at 58 % of their steps. With
+    observation schedules, ``rhythm`` (positive, per variable) scales the schedule's shifts:
+    one patient's temperature is taken every four hours, another's every hour.
     """
 
     centre: torch.Tensor
@@ -245,6 +247,7 @@ class PatientScale:
     pace: torch.Tensor
     propensity: torch.Tensor
     charted: torch.Tensor
+    rhythm: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -283,19 +286,21 @@ class SequenceGenerator(nn.Module):
     an end flag (the sequence stops *before* a step whose flag is 1, so empty sequences are
     possible), the observation mask and the values. With ``slots`` the steps are the slots of a
     time grid instead, ``gap_scale`` apart from time 0: the gap output is unused, the flag says
-    whether the slot holds observations, and no window cuts the sequence.
+    whether the slot holds observations, and no window cuts the sequence. The inputs of each
+    LSTM step are the static vector, a per-patient noise vector, fresh noise, the step's
+    relative position and the fed-back :class:`Carry` (elapsed time, last values); the initial
+    state is a function of the static vector and the patient noise. The state is carried
+    forward, never recomputed.
 
-    Each variable's observation logit is shifted by a learned function of the time since it was
-    last observed (``since_logits``, one value per bucket of :data:`SINCE_BUCKETS`), drawn
-    step by step: charting follows schedules. Independent draws per step gave PhysioNet 2012's
+    With ``schedules`` each variable's observation logit is shifted by a learned function of the
+    time since it was last observed (``since_logits``, one value per bucket of
+    :data:`SINCE_BUCKETS`), scaled by a per-patient ``rhythm``, and masks are drawn step by
+    step: charting follows schedules. Independent draws per step gave PhysioNet 2012's
     temperatures gaps of one hour 55 % of the time against 45 % (27 % are four hours apart:
-    every four hours) and glucose 16 % against 1 %. Without ``schedules`` (the CGAN turns them
-    on for slots without DP) masks are drawn independently per step and ``since`` is not fed
-    back: on PhysioNet's raw times the schedules lowered the mean KSComplement from 0.918 to
-    0.879, and under DP the fed-back ``since`` lowered TSTR at epsilon 10 from 0.746 to 0.721. The inputs of each LSTM step are the static
-    vector, a per-patient noise vector, fresh noise, the step's relative position and the fed-back
-    :class:`Carry` (elapsed time, last values); the initial state is a function of the static
-    vector and the patient noise. The state is carried forward, never recomputed.
+    every four hours) and glucose 16 % against 1 %. The CGAN turns schedules on for slots
+    without DP only: on PhysioNet's raw times they lowered the mean KSComplement from 0.918 to
+    0.879, and under DP the fed-back time since the last observation lowered TSTR at epsilon 10
+    from 0.746 to 0.721.
     """
 
     def __init__(
@@ -310,7 +315,7 @@ class SequenceGenerator(nn.Module):
         layers: int,
         max_log_gap: float,
         slots: bool = False,
-        schedules: bool = True,
+        schedules: bool = False,
     ) -> None:
         super().__init__()
         self.n_variables, self.n_steps, self.slots = n_variables, n_steps, slots
@@ -346,7 +351,10 @@ class SequenceGenerator(nn.Module):
             persistent=False,
         )
         self.initial = nn.Linear(static_width + noise_dim, 2 * layers * hidden)
-        self.scale = nn.Linear(static_width + noise_dim, 3 * self.value_width + 2 + 2 * n_variables)
+        per_variable = 3 if schedules else 2  # propensity, charted, and the schedule's rhythm
+        self.scale = nn.Linear(
+            static_width + noise_dim, 3 * self.value_width + 2 + per_variable * n_variables
+        )
         lags = torch.arange(steps_per_cell)
         self.register_buffer("lags", (lags[:, None] - lags[None, :]).float(), persistent=False)
         with torch.no_grad():
@@ -354,7 +362,9 @@ class SequenceGenerator(nn.Module):
             self.scale.bias.zero_()
             self.scale.bias[self.value_width : 2 * self.value_width] = 1.0  # half-range ~1.3 std
             self.scale.bias[3 * self.value_width] = 4.0  # window ~ 98% of the longest time
-            self.scale.bias[3 * self.value_width + 2 + n_variables :] = 3.0  # all charted at first
+            charted = 3 * self.value_width + 2 + n_variables
+            self.scale.bias[charted : charted + n_variables] = 3.0  # all charted at first
+            self.scale.bias[charted + n_variables :] = math.log(math.e - 1)  # rhythm 1
         inputs = static_width + 2 * noise_dim + 1 + feedback
         self.lstm = nn.ModuleList(
             [nn.LSTMCell(inputs if i == 0 else hidden, hidden) for i in range(layers)]
@@ -407,7 +417,8 @@ class SequenceGenerator(nn.Module):
             window=torch.sigmoid(scale[:, 3 * w]),
             pace=scale[:, 3 * w + 1],
             propensity=scale[:, 3 * w + 2 : 3 * w + 2 + v],
-            charted=st_threshold(scale[:, 3 * w + 2 + v :], temperature),
+            charted=st_threshold(scale[:, 3 * w + 2 + v : 3 * w + 2 + 2 * v], temperature),
+            rhythm=F.softplus(scale[:, 3 * w + 2 + 2 * v :]) if self.schedules else None,
         )
         carry = Carry(
             (h, c),
@@ -503,7 +514,13 @@ class SequenceGenerator(nn.Module):
         if self.schedules:
             allowed = alive[..., None] * patient.charted[:, None, :]
             mask, since = self._masks(
-                raw[..., 2 : 2 + v], allowed, elapsed, carry.since, generator, temperature
+                raw[..., 2 : 2 + v],
+                allowed,
+                elapsed,
+                carry.since,
+                patient.rhythm,
+                generator,
+                temperature,
             )
         else:
             mask = out[..., 2 : 2 + v] * alive[..., None] * patient.charted[:, None, :]
@@ -534,6 +551,7 @@ class SequenceGenerator(nn.Module):
         allowed: torch.Tensor,
         elapsed: torch.Tensor,
         since: torch.Tensor,
+        rhythm: torch.Tensor,
         generator: torch.Generator,
         temperature: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -548,7 +566,7 @@ class SequenceGenerator(nn.Module):
             bucket = torch.where(
                 torch.isinf(since), SINCE_BUCKETS, since.clamp(max=SINCE_BUCKETS - 1).floor()
             ).long()
-            shift = self.since_logits[self.variable_index, bucket]
+            shift = self.since_logits[self.variable_index, bucket] * rhythm
             mask = st_bernoulli(logits[:, k] + shift, generator, temperature) * allowed[:, k]
             since = torch.where(mask > 0.5, 0.0, since)
             masks.append(mask)
