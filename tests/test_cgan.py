@@ -649,6 +649,13 @@ def test_observations_follow_the_time_since_the_last_one():
     every_fourth = (torch.arange(n_slots) % 4 == 0).float()
     assert torch.equal(mask[..., 0], every_fourth.expand(50, -1))
     assert bool((mask[..., 1] == 1).all())
+    # A patient whose rhythm is zero ignores the schedule: observed at every slot.
+    with torch.no_grad():
+        network.out.bias.view(4, -1)[:, 2 : 2 + n_variables] = 30.0
+        network.scale.weight.zero_()
+        network.scale.bias[-n_variables:] = -50.0  # softplus: rhythm ~ 0
+        steps = network(torch.zeros(50, 1), 1 / n_slots, torch.Generator().manual_seed(0), 0.5)
+    assert bool((steps[..., STEP_PREFIX] == 1).all())
 
 
 def test_a_variable_not_charted_for_a_patient_is_never_observed():
