@@ -259,8 +259,8 @@ class Carry:
     ``seen`` (whether each variable was observed yet) are fed back as inputs, as is ``since``
     when observation schedules are on (the time since each variable was last observed, inf
     before), so the generator knows how long the stay has lasted and where each variable
-    stands. ``patient`` holds the per-patient latents
-    and ``level`` the latent trajectory's current value.
+    stands. ``patient`` holds the per-patient latents and ``level`` the latent trajectory's
+    current value.
     """
 
     state: tuple[torch.Tensor, torch.Tensor]
@@ -502,7 +502,8 @@ class SequenceGenerator(nn.Module):
             elapsed = torch.ones_like(alive)
         else:
             gap = out[..., 0]
-            time = carry.time[:, None] + torch.cumsum(torch.expm1(gap), 1) * time_scale
+            elapsed = torch.expm1(gap)
+            time = carry.time[:, None] + torch.cumsum(elapsed, 1) * time_scale
             inside = time - patient.window[:, None]
             hard = (inside <= 0).to(time.dtype)
             soft = torch.sigmoid(-inside / WINDOW_SOFTNESS)
@@ -510,7 +511,6 @@ class SequenceGenerator(nn.Module):
             alive = carry.alive[:, None] * torch.cumprod(1 - out[..., 1], dim=1) * inside
             log_gap = gap * alive
             next_time = time[:, -1]
-            elapsed = torch.expm1(gap)
         if self.schedules:
             allowed = alive[..., None] * patient.charted[:, None, :]
             mask, since = self._masks(
