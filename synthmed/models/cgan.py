@@ -727,7 +727,8 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             resolution = config.time_grid or _time_resolution(arrays.times[inside])
         slots = self._slots(cohort, time_max, resolution)
         if slots is not None:
-            _check_on_grid(cohort, resolution, time_max)
+            if config.time_grid is not None:  # a detected grid holds every time by definition
+                _check_on_grid(cohort, resolution, time_max)
             return _Layout(encoder, scaler, slots, resolution, time_max, resolution, grids, True)
         return _Layout(encoder, scaler, n_steps, gap_scale, time_max, resolution, grids)
 
