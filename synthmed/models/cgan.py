@@ -258,9 +258,9 @@ class _Layout:
         heads, pairs = [], []
         for block in self.encoder.blocks_:
             if block.kind == "numeric":
-                info, column = self.encoder.columns_[block.name], self.schema[block.name]
+                column = self.schema[block.name]
                 lower, upper = (
-                    None if bound is None else (bound - info["center"]) / info["scale"]
+                    None if bound is None else float(self.encoder.encode_number(block.name, bound))
                     for bound in (column.lower, column.upper)
                 )
                 heads.append(Head("numeric", block.start, 1, lower, upper))
@@ -703,7 +703,9 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         and the private summary alone."""
         arrays = cohort.arrays
         from_bounds = summary is not None
-        encoder = StaticEncoder().fit(cohort.static, cohort.schema, from_bounds=from_bounds)
+        encoder = StaticEncoder().fit(
+            cohort.static, cohort.schema, from_bounds=from_bounds, log_skewed=True
+        )
         if summary is None:
             scaler = ValueScaler().fit(arrays.values, cohort.schema)
         else:

@@ -640,12 +640,11 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         for block in encoder.blocks_:
             if block.kind != "numeric":
                 continue
-            info = encoder.columns_[block.name]
             column = encoder.schema_[block.name]
             lo = -np.inf if column.lower is None else column.lower
             hi = np.inf if column.upper is None else column.upper
-            lower.append((lo - info["center"]) / info["scale"])
-            upper.append((hi - info["center"]) / info["scale"])
+            lower.append(float(encoder.encode_number(block.name, lo)))
+            upper.append(float(encoder.encode_number(block.name, hi)))
         self._static_bounds = (
             torch.tensor(lower, dtype=torch.float32, device=device),
             torch.tensor(upper, dtype=torch.float32, device=device),

@@ -49,7 +49,18 @@ def _bounds_center_scale(column: ColumnSchema) -> tuple[float, float]:
 class StaticEncoder:
     """Static table ↔ float matrix ``[n, width]``."""
 
-    def fit(self, static: pd.DataFrame, schema: Schema, from_bounds: bool = False) -> StaticEncoder:
+    def fit(
+        self,
+        static: pd.DataFrame,
+        schema: Schema,
+        from_bounds: bool = False,
+        log_skewed: bool = False,
+    ) -> StaticEncoder:
+        """Learn each numeric column's centre and scale (from the data, or from its declared
+        bounds with ``from_bounds``). With ``log_skewed`` (and not ``from_bounds``), a
+        non-negative column skewed like ValueScaler's log variables (length of stay, survival
+        days) is encoded as ``log1p(value)``, which a generator reaches more easily than a long
+        tail."""
         self.columns_: dict[str, dict[str, Any]] = {}
         for name in schema.static_columns:
             column = schema[name]
@@ -59,13 +70,24 @@ class StaticEncoder:
             if column.kind == "numeric":
                 if from_bounds:
                     center, scale = _bounds_center_scale(column)
+                    log = False
                 else:
                     numbers = values.to_numpy(dtype=np.float64)
-                    center = float(np.nanmean(numbers)) if np.isfinite(numbers).any() else 0.0
-                    scale = float(np.nanstd(numbers)) if np.isfinite(numbers).sum() > 1 else 1.0
+                    numbers = numbers[np.isfinite(numbers)]
+                    log = (
+                        log_skewed
+                        and len(numbers) > 1
+                        and numbers.min() >= 0
+                        and _skewness(numbers) > SKEW_FOR_LOG
+                    )
+                    if log:
+                        numbers = np.log1p(numbers)
+                    center = float(numbers.mean()) if len(numbers) else 0.0
+                    scale = float(numbers.std()) if len(numbers) > 1 else 1.0
                 self.columns_[name] = {
                     "center": center,
                     "scale": max(scale, 1e-6),
+                    "log": bool(log),
                     "has_missing": has_missing,
                 }
             else:
@@ -85,14 +107,28 @@ class StaticEncoder:
             start += width
         self.width_ = start
 
+    def encode_number(self, name: str, values: np.ndarray | float) -> np.ndarray:
+        """Numbers of the numeric column ``name`` on its encoded scale."""
+        info = self.columns_[name]
+        values = np.asarray(values, dtype=np.float64)
+        if info.get("log", False):
+            with np.errstate(invalid="ignore"):
+                values = np.log1p(np.clip(values, 0.0, None))
+        return (values - info["center"]) / info["scale"]
+
+    def decode_number(self, name: str, encoded: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`encode_number`, without bounds or rounding."""
+        info = self.columns_[name]
+        values = np.asarray(encoded, dtype=np.float64) * info["scale"] + info["center"]
+        return np.expm1(np.clip(values, None, 50.0)) if info.get("log", False) else values
+
     def transform(self, static: pd.DataFrame) -> np.ndarray:
         out = np.zeros((len(static), self.width_), dtype=np.float32)
         for block in self.blocks_:
             values = static[block.name]
             missing = values.isna().to_numpy()
             if block.kind == "numeric":
-                info = self.columns_[block.name]
-                numbers = (values.to_numpy(dtype=np.float64) - info["center"]) / info["scale"]
+                numbers = self.encode_number(block.name, values.to_numpy(dtype=np.float64))
                 out[:, block.start] = np.where(missing, 0.0, numbers)
             else:
                 codes = category_codes(values, self.schema_[block.name].categories)
@@ -109,8 +145,7 @@ class StaticEncoder:
             part = encoded[:, block.start : block.start + block.width]
             column = self.schema_[block.name]
             if block.kind == "numeric":
-                info = self.columns_[block.name]
-                numbers = _into_bounds(part[:, 0] * info["scale"] + info["center"], column)
+                numbers = _into_bounds(self.decode_number(block.name, part[:, 0]), column)
                 if block.has_missing:
                     numbers = np.where(part[:, -1] > 0.5, np.nan, numbers)
                 columns[block.name] = numbers
