@@ -25,7 +25,7 @@ from synthmed.models.heads import (
 )
 from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
 from synthmed.models.lstm_network import SequenceSampler, StepFeatures, ValueCodec, gap_features
-from synthmed.models.persistence import load_synthesizer
+from synthmed.models.persistence import load_synthesizer, read_model_file, save_model_file
 from synthmed.models.value_grid import detect_resolution, frequent_values, snap
 from synthmed.schema import ColumnSchema, Schema
 
@@ -596,10 +596,20 @@ def test_resumed_training_matches_an_uninterrupted_one(cohort: Cohort, tmp_path,
     assert_same(resumed.sample(10, seed=0), uninterrupted.sample(10, seed=0))
 
 
-def test_sampler_sees_what_training_sees(synth: LSTMSynthesizer) -> None:
+@pytest.fixture(scope="module")
+def synth_without_levels(cohort: Cohort) -> LSTMSynthesizer:
+    config = dataclasses.replace(TINY, value_reads_levels=False)
+    return tiny(seed=0, config=config).fit(cohort)
+
+
+@pytest.mark.parametrize("model", ["synth", "synth_without_levels"])
+def test_sampler_sees_what_training_sees(model: str, request: pytest.FixtureRequest) -> None:
     """Replaying a generated sequence through the training path gives the very distributions
-    the step-by-step sampler drew it from (same features, same state, same heads)."""
+    the step-by-step sampler drew it from (same features, same state, same heads), with and
+    without the value head reading the levels."""
+    synth = request.getfixturevalue(model)
     net = synth.network_.sequence
+    assert net.n_level_inputs == (2 * net.n_numeric if model == "synth" else 0)
     sampler = synth._sampler
     seen: dict[str, list[torch.Tensor]] = {"gap": [], "mask": [], "value": [], "anchor": []}
     heads = {"gap": net.gap_head, "mask": net.mask_head, "value": net.value_head}
@@ -644,7 +654,7 @@ def test_sampler_sees_what_training_sees(synth: LSTMSynthesizer) -> None:
             "mask": net.mask_net(hidden),
             "value": net.value_net(
                 torch.cat(
-                    [hidden, mask[0, :steps].float(), torch.cat(inputs)[:, : 2 * net.n_numeric]],
+                    [hidden, mask[0, :steps].float(), torch.cat(inputs)[:, : net.n_level_inputs]],
                     dim=1,
                 )
             ),
@@ -653,3 +663,17 @@ def test_sampler_sees_what_training_sees(synth: LSTMSynthesizer) -> None:
     for name in expected:
         drawn = torch.cat(seen[name][:steps])
         torch.testing.assert_close(drawn, expected[name], atol=1e-4, rtol=1e-4)
+
+
+def test_files_from_before_value_reads_levels_load_with_the_levels_read(
+    synth: LSTMSynthesizer, tmp_path
+) -> None:
+    path = synth.save(tmp_path / "levels.synthmed")
+    model_type, config, tensors = read_model_file(path)
+    del config["state"]["config"]["value_reads_levels"]  # as written before the setting
+    save_model_file(tmp_path / "old.synthmed", model_type, config, tensors)
+    old = load_synthesizer(tmp_path / "old.synthmed")
+    assert old.config_.value_reads_levels
+    assert_same(old.sample(20, seed=3), synth.sample(20, seed=3))
+    with pytest.raises(ValueError, match="value_reads_levels"):
+        LSTMConfig(value_reads_levels=1)

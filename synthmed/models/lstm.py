@@ -83,6 +83,11 @@ class LSTMConfig:
         static_layers: Hidden layers of the static attribute model.
         static_components: Gaussian components per numeric static column.
         min_scale: Smallest standard deviation of a Gaussian component (standardised units).
+        value_reads_levels: Whether the value head also reads each numeric variable's last and
+            mean observed value directly, besides the LSTM state. On all 4,000 PhysioNet set-a
+            patients it narrows the drift of raw stays (discriminative score 0.34 against
+            0.38); trained on 1,000, models without it gave the better outcome prediction
+            (TSTR AUROC 0.61-0.64 against 0.56-0.57; ``benchmarks/results.md``).
     """
 
     hidden_size: int = 128
@@ -96,11 +101,15 @@ class LSTMConfig:
     static_layers: int = 2
     static_components: int = 8
     min_scale: float = 0.01
+    value_reads_levels: bool = True
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in ("dropout", "min_scale"):
+            if field.name == "value_reads_levels":
+                if not isinstance(value, bool):
+                    raise ValueError(f"LSTMConfig.value_reads_levels must be a bool, got {value!r}")
+            elif field.name in ("dropout", "min_scale"):
                 if not (isinstance(value, int | float) and not isinstance(value, bool)):
                     raise ValueError(f"LSTMConfig.{field.name} must be a number, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int):
@@ -561,6 +570,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             min_scale=config.min_scale,
             gap_scale=facts["gap_scale"],
             private=private,
+            value_reads_levels=config.value_reads_levels,
         )
         return _Network(static_model, sequence)
 
@@ -813,7 +823,8 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         return state, tensors
 
     def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self.config_ = LSTMConfig(**config["config"])
+        # Files written before value_reads_levels existed have a value head that reads them.
+        self.config_ = LSTMConfig(**{"value_reads_levels": True, **config["config"]})
         # The file stores JSON with sorted keys, and StaticEncoder lays out its blocks in the
         # order of its dict: restore the schema's column order first.
         encoder = config["static_encoder"]

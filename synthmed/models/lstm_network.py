@@ -187,6 +187,7 @@ class SequenceNetwork(nn.Module):
         min_scale: float,
         gap_scale: float,
         private: bool = False,
+        value_reads_levels: bool = True,
     ) -> None:
         super().__init__()
         self.n_numeric = n_numeric
@@ -231,11 +232,11 @@ class SequenceNetwork(nn.Module):
         )
         self.out = nn.Linear(hidden_size, 1 + self.gap_head.n_params)
         self.mask_net = _mlp(hidden_size + 2, head_hidden, self.mask_head.n_params)
-        # The value head also reads each numeric variable's last and mean observed value
-        # directly: through the LSTM alone it learnt only half of the pull of vital signs back
-        # towards the patient's level, and generated series drifted.
+        # Optionally the value head also reads each numeric variable's last and mean observed
+        # value directly (LSTMConfig.value_reads_levels).
+        self.n_level_inputs = 2 * n_numeric if value_reads_levels else 0
         self.value_net = _mlp(
-            hidden_size + 2 + self.n_variables + 2 * n_numeric,
+            hidden_size + 2 + self.n_variables + self.n_level_inputs,
             head_hidden,
             self.value_head.n_params,
         )
@@ -320,7 +321,7 @@ class SequenceNetwork(nn.Module):
             -self.mask_head.log_prob(self.mask_net(hidden), mask_f, self.mask_interactions(mask_f))
             * inside
         )
-        levels = inputs[:, :steps, : 2 * self.n_numeric]
+        levels = inputs[:, :steps, : self.n_level_inputs]
         value_raw = self.value_net(torch.cat([hidden, mask_f, levels], dim=2))
         # Numeric means are anchored on the last observed value (its z, 0 if never observed):
         # vital signs mostly move little between steps (see ProductMixture).
@@ -573,7 +574,7 @@ class SequenceSampler:
         quantum = self.time_quantum
         for step in range(max_length + 1):
             x = features.inputs()
-            levels = x[:, : 2 * n_numeric]
+            levels = x[:, : net.n_level_inputs]
             hs[0], cs[0] = self._lstm_cell(x, hs[0], cs[0], w0_in, w0_hh, static_bias)
             for layer in range(1, net.num_layers):
                 w_in, w_hh, _, bias = self.layers[layer]
