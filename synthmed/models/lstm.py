@@ -823,8 +823,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         return state, tensors
 
     def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        # Files written before value_reads_levels existed have a value head that reads them.
-        self.config_ = LSTMConfig(**{"value_reads_levels": True, **config["config"]})
+        self.config_ = LSTMConfig(**config["config"])
         # The file stores JSON with sorted keys, and StaticEncoder lays out its blocks in the
         # order of its dict: restore the schema's column order first.
         encoder = config["static_encoder"]

@@ -112,15 +112,14 @@ class StaticEncoder:
         info = self.columns_[name]
         values = np.asarray(values, dtype=np.float64)
         if info.get("log", False):
-            with np.errstate(invalid="ignore"):
-                values = np.log1p(np.clip(values, 0.0, None))
+            values = _to_log(values)
         return (values - info["center"]) / info["scale"]
 
     def decode_number(self, name: str, encoded: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`encode_number`, without bounds or rounding."""
         info = self.columns_[name]
         values = np.asarray(encoded, dtype=np.float64) * info["scale"] + info["center"]
-        return np.expm1(np.clip(values, None, 50.0)) if info.get("log", False) else values
+        return _from_log(values) if info.get("log", False) else values
 
     def transform(self, static: pd.DataFrame) -> np.ndarray:
         out = np.zeros((len(static), self.width_), dtype=np.float32)
@@ -233,8 +232,7 @@ class ValueScaler:
 
     def transform(self, values: np.ndarray) -> np.ndarray:
         out = np.array(values, dtype=np.float32, copy=True)
-        logged = np.log1p(np.clip(out[..., self.log_], 0, None))
-        out[..., self.log_] = logged
+        out[..., self.log_] = _to_log(out[..., self.log_])
         numeric = self._numeric_mask()
         out[..., numeric] = (out[..., numeric] - self.center_[numeric]) / self.scale_[numeric]
         return out
@@ -243,7 +241,7 @@ class ValueScaler:
         out = np.array(scaled, dtype=np.float64, copy=True)
         numeric = self._numeric_mask()
         out[..., numeric] = out[..., numeric] * self.scale_[numeric] + self.center_[numeric]
-        out[..., self.log_] = np.expm1(np.clip(out[..., self.log_], None, 50.0))
+        out[..., self.log_] = _from_log(out[..., self.log_])
         for j, name in enumerate(self.schema_.temporal_columns):
             column = self.schema_[name]
             if column.kind == "numeric":
@@ -277,6 +275,17 @@ def _into_bounds(values: np.ndarray, column: ColumnSchema) -> np.ndarray:
     upper = np.inf if column.upper is None else column.upper
     values = np.clip(values, lower, upper)
     return np.round(values) if column.integer else values
+
+
+def _to_log(values: np.ndarray) -> np.ndarray:
+    """The log scale of skewed non-negative columns: ``log1p``, negatives taken as 0."""
+    return np.log1p(np.clip(values, 0.0, None))
+
+
+def _from_log(values: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_to_log`, capped at ``expm1(50)`` so that an extreme generated number
+    cannot overflow."""
+    return np.expm1(np.clip(values, None, 50.0))
 
 
 def _skewness(values: np.ndarray, weights: np.ndarray | None = None) -> float:
