@@ -337,7 +337,7 @@ def test_sampler_unrolls_the_trained_lstm_exactly(synth: LSTMSynthesizer) -> Non
         net, synth._codec, {"gap_scale": 1.0, "time_scale": 1.0, "length_scale": 10.0}, 0.0, 0.0
     )
     gen = torch.Generator().manual_seed(0)
-    static = torch.randn(4, net.static_size, generator=gen)
+    static = torch.randn(4, net.static_size + net.n_flags, generator=gen)  # with the flags
     x = torch.randn(4, 5, net.input_size, generator=gen)
     with torch.no_grad():
         expected, _ = net.lstm(
@@ -597,22 +597,32 @@ def test_resumed_training_matches_an_uninterrupted_one(cohort: Cohort, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def synth_without_levels(cohort: Cohort) -> LSTMSynthesizer:
-    config = dataclasses.replace(TINY, value_reads_levels=False)
+def plain_synth(cohort: Cohort) -> LSTMSynthesizer:
+    """Neither the value head's level inputs nor charted flags."""
+    config = dataclasses.replace(TINY, value_reads_levels=False, charted_flags=False)
     return tiny(seed=0, config=config).fit(cohort)
 
 
-@pytest.mark.parametrize("model", ["synth", "synth_without_levels"])
+@pytest.mark.parametrize("model", ["synth", "plain_synth"])
 def test_sampler_sees_what_training_sees(model: str, request: pytest.FixtureRequest) -> None:
     """Replaying a generated sequence through the training path gives the very distributions
     the step-by-step sampler drew it from (same features, same state, same heads), with and
-    without the value head reading the levels."""
+    without the value head reading the levels and the charted flags."""
     synth = request.getfixturevalue(model)
     net = synth.network_.sequence
     assert net.n_level_inputs == (2 * net.n_numeric if model == "synth" else 0)
     sampler = synth._sampler
-    seen: dict[str, list[torch.Tensor]] = {"gap": [], "mask": [], "value": [], "anchor": []}
+    seen: dict[str, list[torch.Tensor]] = {
+        "gap": [],
+        "mask": [],
+        "value": [],
+        "anchor": [],
+        "flag": [],
+        "flags": [],
+    }
     heads = {"gap": net.gap_head, "mask": net.mask_head, "value": net.value_head}
+    if net.n_flags:
+        heads["flag"] = net.flag_head
     originals = {name: head.sample for name, head in heads.items()}
 
     def recording(name):
@@ -620,7 +630,10 @@ def test_sampler_sees_what_training_sees(model: str, request: pytest.FixtureRequ
             seen[name].append(raw.clone())
             if name == "value":
                 seen["anchor"].append(extra[0].clone())
-            return originals[name](raw, generator, *extra)
+            drawn = originals[name](raw, generator, *extra)
+            if name == "flag":
+                seen["flags"].append(drawn.float())
+            return drawn
 
         return sample
 
@@ -645,13 +658,18 @@ def test_sampler_sees_what_training_sees(model: str, request: pytest.FixtureRequ
     for t in range(steps):
         inputs.append(features.inputs())
         features.update(gaps[t : t + 1], mask[0, t : t + 1], z[t : t + 1], codes[0, t : t + 1])
+    flags = seen["flags"][0] if net.n_flags else None
+    assert (flags is not None) == (model == "synth")
+    if flags is not None:  # a variable without its flag is never observed
+        assert not (mask[0, :steps] & (flags[0] == 0)).any()
     with torch.no_grad():
-        x = torch.cat([torch.cat(inputs), static.expand(steps, -1)], dim=1)[None]
-        out, _ = net.lstm(x, net.initial_state(static))
+        condition = net.conditioning(static, flags)
+        x = torch.cat([torch.cat(inputs), condition.expand(steps, -1)], dim=1)[None]
+        out, _ = net.lstm(x, net.initial_state(condition))
         hidden = torch.cat([out[0], gap_features(gaps, net.gap_scale)], dim=1)
         expected = {
             "gap": net.out(out[0])[:, 1:],
-            "mask": net.mask_net(hidden),
+            "mask": net.mask_raw(net.mask_net(hidden), flags),
             "value": net.value_net(
                 torch.cat(
                     [hidden, mask[0, :steps].float(), torch.cat(inputs)[:, : net.n_level_inputs]],
@@ -660,20 +678,61 @@ def test_sampler_sees_what_training_sees(model: str, request: pytest.FixtureRequ
             ),
         }
     expected["anchor"] = torch.cat(inputs)[:, : net.n_numeric]  # last observed values
+    if flags is not None:
+        expected["flag"] = net.flag_net(static).expand(steps, -1)
+        seen["flag"] = seen["flag"] * steps
     for name in expected:
         drawn = torch.cat(seen[name][:steps])
         torch.testing.assert_close(drawn, expected[name], atol=1e-4, rtol=1e-4)
 
 
+def _as_written_before(synth: LSTMSynthesizer, setting: str, tmp_path) -> LSTMSynthesizer:
+    """``synth`` saved and loaded again from a file without ``setting``, as files were written
+    before the setting existed."""
+    model_type, config, tensors = read_model_file(synth.save(tmp_path / "new.synthmed"))
+    del config["state"]["config"][setting]
+    save_model_file(tmp_path / "old.synthmed", model_type, config, tensors)
+    return load_synthesizer(tmp_path / "old.synthmed")
+
+
 def test_files_from_before_value_reads_levels_load_with_the_levels_read(
     synth: LSTMSynthesizer, tmp_path
 ) -> None:
-    path = synth.save(tmp_path / "levels.synthmed")
-    model_type, config, tensors = read_model_file(path)
-    del config["state"]["config"]["value_reads_levels"]  # as written before the setting
-    save_model_file(tmp_path / "old.synthmed", model_type, config, tensors)
-    old = load_synthesizer(tmp_path / "old.synthmed")
+    old = _as_written_before(synth, "value_reads_levels", tmp_path)
     assert old.config_.value_reads_levels
     assert_same(old.sample(20, seed=3), synth.sample(20, seed=3))
     with pytest.raises(ValueError, match="value_reads_levels"):
         LSTMConfig(value_reads_levels=1)
+
+
+def test_files_from_before_charted_flags_load_without_them(
+    plain_synth: LSTMSynthesizer, tmp_path
+) -> None:
+    old = _as_written_before(plain_synth, "charted_flags", tmp_path)
+    assert old.config_.charted_flags is False
+    assert_same(old.sample(20, seed=3), plain_synth.sample(20, seed=3))
+    with pytest.raises(ValueError, match="charted_flags"):
+        LSTMConfig(charted_flags="yes")
+
+
+@pytest.mark.parametrize("flags", [True, False])
+def test_charted_flags_keep_a_variable_to_the_patients_that_have_it(flags: bool) -> None:
+    """Half the patients never have SaO2 (no blood gases), the others at most steps. With
+    charted flags the share of generated patients with any SaO2 stays near a half; drawn step
+    by step without them, nearly every long stay picks some up."""
+    simulated = simulate_cohort(300, seed=2)
+    without = simulated.static.index[::2]
+    events = simulated.events.copy()
+    events.loc[events[simulated.schema.id_column].isin(without), "SaO2"] = np.nan
+    events = events[events[simulated.schema.temporal_columns].notna().any(axis=1)]
+    cohort = Cohort(simulated.static, events, simulated.schema)
+    config = dataclasses.replace(TINY, charted_flags=flags)
+    synth = tiny(config=config, epochs=20, seed=0).fit(cohort)
+    arrays = synth.sample(300, seed=1).arrays
+    has = arrays.mask[:, :, arrays.variables.index("SaO2")].any(axis=1)
+    real = cohort.arrays.mask[:, :, cohort.arrays.variables.index("SaO2")].any(axis=1)
+    assert 0.4 < real.mean() < 0.55
+    if flags:
+        assert abs(has.mean() - real.mean()) < 0.15
+    else:
+        assert has.mean() > real.mean() + 0.15

@@ -69,7 +69,7 @@ def test_calibration_sets_the_mean_probability_to_the_prevalence():
     assert float(labeller.probabilities(x).mean().detach()) == pytest.approx(0.2, abs=1e-4)
 
 
-def _private_lstm(epsilon: float, **settings) -> LSTMSynthesizer:
+def _private_lstm(epsilon: float | None, **settings) -> LSTMSynthesizer:
     small = LSTMConfig(
         hidden_size=8,
         head_hidden=8,
@@ -105,6 +105,14 @@ def test_private_lstm_draws_outcomes_from_a_labeller_that_learned_them(private_m
     _, xs = _features_of(synthetic)
     p = model.labeller_.probabilities(torch.as_tensor(xs))[:, 0].detach().numpy()
     assert roc_auc_score(synthetic.static[OUTCOME].to_numpy().astype(int), p) > 0.7
+
+
+def test_charted_flags_default_to_off_under_dp_and_on_without(private_model, cohort):
+    assert private_model.config_.charted_flags is False
+    assert private_model.network_.sequence.n_flags == 0
+    public = _private_lstm(None).fit(cohort)
+    assert public.config_.charted_flags is True
+    assert public.network_.sequence.n_flags == len(cohort.schema.temporal_columns)
 
 
 def test_private_lstm_honours_outcome_conditions_by_redrawing_patients(private_model):

@@ -88,6 +88,13 @@ class LSTMConfig:
             patients it narrows the drift of raw stays (discriminative score 0.34 against
             0.38); trained on 1,000, models without it gave the better outcome prediction
             (TSTR AUROC 0.61-0.64 against 0.56-0.57; ``benchmarks/results.md``).
+        charted_flags: Whether each patient first draws, given its static attributes, which
+            temporal variables it has at all (an arterial line, blood gases), and the sequence
+            is generated given those flags: a variable without its flag is never observed.
+            None: on without DP, off under DP (at epsilon 10 on PhysioNet the flags lowered the
+            TSTR AUROC from 0.74-0.77 to 0.72-0.73; ``benchmarks/results.md``). The fitted
+            model's ``config_`` holds the choice; models saved without this setting load with
+            it off.
     """
 
     hidden_size: int = 128
@@ -102,13 +109,19 @@ class LSTMConfig:
     static_components: int = 8
     min_scale: float = 0.01
     value_reads_levels: bool = True
+    charted_flags: bool | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name == "value_reads_levels":
                 if not isinstance(value, bool):
-                    raise ValueError(f"LSTMConfig.value_reads_levels must be a bool, got {value!r}")
+                    raise ValueError(f"LSTMConfig.{field.name} must be a bool, got {value!r}")
+            elif field.name == "charted_flags":
+                if not (value is None or isinstance(value, bool)):
+                    raise ValueError(
+                        f"LSTMConfig.{field.name} must be a bool or None, got {value!r}"
+                    )
             elif field.name in ("dropout", "min_scale"):
                 if not (isinstance(value, int | float) and not isinstance(value, bool)):
                     raise ValueError(f"LSTMConfig.{field.name} must be a number, got {value!r}")
@@ -156,12 +169,13 @@ class _Network(nn.Module):
         mask: torch.Tensor,
         z: torch.Tensor,
         codes: torch.Tensor,
+        flags: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``[B, 5]`` negative log-likelihood per patient: static, end, gap, mask, values."""
         static_nll = self.static_model(static_targets, generator, static_dequantize)
         sequence_nll = self.sequence(
-            static, inputs, lengths, ended, remaining, gaps, gap_targets, mask, z, codes
+            static, inputs, lengths, ended, remaining, gaps, gap_targets, mask, z, codes, flags
         )
         return torch.cat([static_nll[:, None], sequence_nll], dim=1)
 
@@ -173,8 +187,11 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
     """Autoregressive generator: static attributes first, then the sequence step by step.
 
     Static attributes come from :class:`~synthmed.models.static_model.ConditionalStaticModel`,
-    which can be conditioned on any subset of them. The sequence comes from an LSTM that reads the
-    static vector and a running summary of the sequence so far (for each variable its last value,
+    which can be conditioned on any subset of them. Then, given them, which temporal variables the
+    patient has at all (its charted flags: an arterial line, blood gases; a Bernoulli mixture
+    drawn once per patient), so that a variable the patient does not have is never observed and
+    one it has is charted as for the patients who have it. The sequence comes from an LSTM that
+    reads the static vector, the flags and a running summary of the sequence so far (for each variable its last value,
     the time since and share of steps it was observed; the time since admission, the previous gap
     and the step count) and emits at each step: whether the sequence stops; the gap to the next
     observation (zero-inflated log-normal mixture); which variables are observed (Bernoulli
@@ -345,6 +362,8 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             check_public_schema(cohort)
             if self.max_length is None:
                 warn_unset_steps("max_length")
+        if config.charted_flags is None:
+            config = dataclasses.replace(config, charted_flags=not private)
         # Under DP the longest training sequence would leak: a fixed number of steps instead.
         max_length = self.max_length or (PRIVATE_MAX_STEPS if private else None)
         device = self.device_
@@ -571,6 +590,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             gap_scale=facts["gap_scale"],
             private=private,
             value_reads_levels=config.value_reads_levels,
+            charted_flags=config.charted_flags,
         )
         return _Network(static_model, sequence)
 
@@ -581,7 +601,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         noise: torch.Generator,
         device: torch.device,
     ) -> tuple[torch.Tensor, ...]:
-        static, inputs, gaps, mask, values, codes, lengths, ended, remaining = (
+        static, inputs, gaps, mask, values, codes, lengths, ended, remaining, flags = (
             t.to(device, non_blocking=True) for t in batch
         )
         steps = max(int(lengths.max()), 1)
@@ -612,6 +632,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             mask,
             z,
             codes,
+            flags,
         )
 
     @torch.no_grad()
@@ -823,7 +844,8 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         return state, tensors
 
     def _set_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self.config_ = LSTMConfig(**config["config"])
+        # Files written before charted flags existed were trained without them.
+        self.config_ = LSTMConfig(**{"charted_flags": False, **config["config"]})
         # The file stores JSON with sorted keys, and StaticEncoder lays out its blocks in the
         # order of its dict: restore the schema's column order first.
         encoder = config["static_encoder"]
@@ -1088,6 +1110,8 @@ def _prepare(
         torch.as_tensor(lengths, device=device),
         ended,
         torch.as_tensor(remaining, dtype=torch.float32, device=device),
+        # Which variables each patient has at some step (its charted flags).
+        t_mask.any(dim=1).to(torch.float32),
     ]
     return _Prepared(
         static_encoder,

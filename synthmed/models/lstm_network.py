@@ -1,12 +1,15 @@
 """The networks behind :class:`synthmed.LSTMSynthesizer`: step features, the LSTM with its
 likelihood heads, and the batched step-by-step sampler.
 
-At step t of a patient the LSTM has read a summary of steps ``< t`` (:class:`StepFeatures`) and
-the static vector, and its output parameterises, in this order:
+Before the first step, with charted flags, each patient draws from its static vector which
+variables it has at all (``p(flags | static)``, a Bernoulli mixture with at least one on, as the
+mask head). At step t the LSTM has read a summary of steps ``< t`` (:class:`StepFeatures`), the
+static vector and the flags, and its output parameterises, in this order:
 
 1. ``p(stop)``: the sequence ends before step t (so empty sequences are possible);
 2. ``p(gap)``: the time since the previous step, a zero-inflated log-normal mixture;
-3. ``p(mask | gap)``: which variables are observed, a Bernoulli mixture with at least one on;
+3. ``p(mask | gap)``: which variables are observed, a Bernoulli mixture with at least one on
+   (a variable whose flag is off never);
 4. ``p(values | mask, gap)``: a product mixture over the variables, Gaussian in the
    standardised space of :class:`~synthmed.models.transforms.ValueScaler` for numeric variables
    and softmax for categorical ones; unobserved variables are marginalised out.
@@ -33,6 +36,8 @@ from synthmed.models.value_grid import REACH, cell_boundaries
 
 #: Largest lookup table of a variable's snapping grid.
 _LOOKUP_SIZE = 8192
+#: How far a variable's observation logit is lowered when its charted flag is off.
+_UNCHARTED = 1e4
 #: The sampler drops finished patients from its batch once fewer than this share are going.
 _COMPACT = 0.75
 
@@ -188,6 +193,7 @@ class SequenceNetwork(nn.Module):
         gap_scale: float,
         private: bool = False,
         value_reads_levels: bool = True,
+        charted_flags: bool = False,
     ) -> None:
         super().__init__()
         self.n_numeric = n_numeric
@@ -199,23 +205,27 @@ class SequenceNetwork(nn.Module):
         self.num_layers = num_layers
         self.gap_scale = gap_scale
         self.private = private
+        # With charted flags the sequence is conditioned on which variables the patient ever has
+        # (drawn first, from the static vector), and a variable never charted is never observed.
+        self.n_flags = self.n_variables if charted_flags else 0
+        conditioning = static_size + self.n_flags
         if private:
             # Opacus needs per-patient gradients; PrivateLSTM gives them in one pass and shares
             # nn.LSTM's parameter names, so the weights load into nn.LSTM for sampling.
             from synthmed.models.private_lstm import PrivateLSTM
 
             self.lstm: nn.Module = PrivateLSTM(
-                self.input_size + static_size, hidden_size, num_layers, dropout
+                self.input_size + conditioning, hidden_size, num_layers, dropout
             )
         else:
             self.lstm = nn.LSTM(
-                self.input_size + static_size,
+                self.input_size + conditioning,
                 hidden_size,
                 num_layers=num_layers,
                 batch_first=True,
                 dropout=dropout if num_layers > 1 else 0.0,
             )
-        self.init = nn.Linear(static_size, 2 * num_layers * hidden_size)
+        self.init = nn.Linear(conditioning, 2 * num_layers * hidden_size)
         self.gap_head = ZeroInflatedLogNormalMixture(gap_components, gap_scale, min_scale)
         self.mask_head = NonEmptyBernoulliMixture(self.n_variables, mask_components)
         # U of the mask chain: an ordinary layer (so DP-SGD can clip it per patient) whose
@@ -227,6 +237,11 @@ class SequenceNetwork(nn.Module):
             torch.tril(torch.ones(self.n_variables, self.n_variables), -1),
             persistent=False,
         )
+        if charted_flags:
+            self.flag_head = NonEmptyBernoulliMixture(self.n_variables, mask_components)
+            self.flag_net = _mlp(static_size, head_hidden, self.flag_head.n_params)
+            self.flag_interactions = nn.Linear(self.n_variables, self.n_variables, bias=False)
+            nn.init.zeros_(self.flag_interactions.weight)
         self.value_head = ProductMixture(
             n_numeric, self.category_sizes, value_components, min_scale, anchored=True
         )
@@ -245,6 +260,29 @@ class SequenceNetwork(nn.Module):
     def project(self) -> None:
         """Keep the mask interactions strictly lower-triangular (call after each step)."""
         self.mask_interactions.weight.mul_(self._strictly_lower)
+        if self.n_flags:
+            self.flag_interactions.weight.mul_(self._strictly_lower)
+
+    def conditioning(self, static: torch.Tensor, flags: torch.Tensor | None) -> torch.Tensor:
+        """What the LSTM is conditioned on: the static vector and, with charted flags, the
+        flags ``[B, V]`` (0/1)."""
+        return static if flags is None else torch.cat([static, flags], dim=1)
+
+    def flag_log_prob(self, static: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """``[B]`` log-probability of the charted flags given the static vector."""
+        raw = self.flag_net(static)
+        return self.flag_head.log_prob(raw, flags, self.flag_interactions(flags))
+
+    def mask_raw(self, raw: torch.Tensor, flags: torch.Tensor | None) -> torch.Tensor:
+        """The mask head's parameters ``[B, (T,) P]`` with every variable whose flag is off
+        switched off for good (its logit lowered by ``_UNCHARTED``)."""
+        if flags is None:
+            return raw
+        k = self.mask_head.n_components
+        penalty = (flags - 1.0) * _UNCHARTED
+        penalty = penalty.reshape(len(flags), *([1] * (raw.dim() - 1)), self.n_variables)
+        base = raw[..., k:].unflatten(-1, (k, self.n_variables)) + penalty
+        return torch.cat([raw[..., :k], base.flatten(-2)], dim=-1)
 
     def initial_state(
         self, static: torch.Tensor, batch_first: bool = False
@@ -272,8 +310,10 @@ class SequenceNetwork(nn.Module):
         mask: torch.Tensor,
         z: torch.Tensor,
         codes: torch.Tensor,
+        flags: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-patient negative log-likelihood ``[B, 4]``: end, gap, mask and value terms.
+        """Per-patient negative log-likelihood ``[B, 4]``: end, gap, mask and value terms
+        (the mask term includes the charted flags' term).
 
         A sequence ends either by the stop head or because its next step would fall after the
         end of the observation window (``max_time``): after the last step the likelihood is
@@ -293,13 +333,17 @@ class SequenceNetwork(nn.Module):
             mask: ``[B, T, V]`` bool, internal variable order.
             z: ``[B, T, n_numeric]`` standardised values (finite everywhere).
             codes: ``[B, T, n_categorical]`` category codes (>= 0 everywhere).
+            flags: ``[B, V]`` 0/1, whether each variable is observed at some step (required
+                with charted flags, ignored without).
         """
         batch, steps = gaps.shape
-        x = torch.cat([inputs, static[:, None, :].expand(-1, steps + 1, -1)], dim=2)
+        flags = flags if self.n_flags else None
+        condition = self.conditioning(static, flags)
+        x = torch.cat([inputs, condition[:, None, :].expand(-1, steps + 1, -1)], dim=2)
         if self.private:
-            out = self.lstm(x, *self.initial_state(static, batch_first=True))
+            out = self.lstm(x, *self.initial_state(condition, batch_first=True))
         else:
-            out, _ = self.lstm(x, self.initial_state(static))
+            out, _ = self.lstm(x, self.initial_state(condition))
         head = self.out(out)
         stop_logit, gap_raw = head[..., 0], head[:, :steps, 1:]
         position = torch.arange(steps + 1, device=gaps.device)[None, :]
@@ -317,10 +361,14 @@ class SequenceNetwork(nn.Module):
         gap_nll = -self.gap_head.log_prob(gap_raw, gap_targets) * inside
         hidden = torch.cat([out[:, :steps], gap_features(gaps, self.gap_scale)], dim=2)
         mask_f = mask.to(out.dtype)
+        mask_raw = self.mask_raw(self.mask_net(hidden), flags)
         mask_nll = (
-            -self.mask_head.log_prob(self.mask_net(hidden), mask_f, self.mask_interactions(mask_f))
-            * inside
-        )
+            -self.mask_head.log_prob(mask_raw, mask_f, self.mask_interactions(mask_f)) * inside
+        ).sum(1)
+        if flags is not None:
+            # A patient without steps has no flag on, which the non-empty head cannot score.
+            charted = -self.flag_log_prob(static, flags)
+            mask_nll = mask_nll + torch.where(lengths > 0, charted, torch.zeros_like(charted))
         levels = inputs[:, :steps, : self.n_level_inputs]
         value_raw = self.value_net(torch.cat([hidden, mask_f, levels], dim=2))
         # Numeric means are anchored on the last observed value (its z, 0 if never observed):
@@ -337,7 +385,7 @@ class SequenceNetwork(nn.Module):
             )
             * inside
         )
-        return torch.stack([stop_nll, gap_nll.sum(1), mask_nll.sum(1), value_nll.sum(1)], dim=1)
+        return torch.stack([stop_nll, gap_nll.sum(1), mask_nll, value_nll.sum(1)], dim=1)
 
 
 class ValueCodec:
@@ -514,6 +562,11 @@ class SequenceSampler:
         )
         self.value_levels_t = value_first.weight[:, levels_start:].detach().t().contiguous()
         self.mask_interactions = network.mask_interactions.weight.detach() * network._strictly_lower
+        self.flag_interactions = (
+            network.flag_interactions.weight.detach() * network._strictly_lower
+            if network.n_flags
+            else None
+        )
 
     @staticmethod
     def _lstm_cell(
@@ -562,10 +615,16 @@ class SequenceSampler:
         out_mask = torch.zeros((max_length, n, n_vars), dtype=torch.bool, device=device)
         lengths = torch.full((n,), max_length, dtype=torch.int64, device=device)
 
-        h0, c0 = net.initial_state(static)
+        flags = None
+        if net.n_flags:
+            flags = net.flag_head.sample(
+                net.flag_net(static), generator, self.flag_interactions
+            ).to(static.dtype)
+        condition = net.conditioning(static, flags)
+        h0, c0 = net.initial_state(condition)
         hs, cs = list(h0.unbind(0)), list(c0.unbind(0))
         w0_in, w0_hh, w0_static, b0 = self.layers[0]
-        static_bias = torch.addmm(b0, static, w0_static)
+        static_bias = torch.addmm(b0, condition, w0_static)
         features = StepFeatures(
             n, n_numeric, net.category_sizes, device=device, **self.feature_args
         )
@@ -609,6 +668,7 @@ class SequenceSampler:
                     keep = alive.nonzero().squeeze(1)
                     rows, fused, gap, levels = rows[keep], fused[keep], gap[keep], levels[keep]
                     static_bias, alive = static_bias[keep], alive[keep]
+                    flags = flags[keep] if flags is not None else None
                     hs = [h[keep] for h in hs]
                     cs = [c[keep] for c in cs]
                     features.select(keep)
@@ -616,7 +676,7 @@ class SequenceSampler:
             start = self.n_out
             mask_pre = fused[:, start : start + self.n_mask] + g_feat @ self.mask_gap_t
             mask = net.mask_head.sample(
-                self._head(net.mask_net, mask_pre, self.mask_deep),
+                net.mask_raw(self._head(net.mask_net, mask_pre, self.mask_deep), flags),
                 generator,
                 self.mask_interactions,
             )
