@@ -187,16 +187,17 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
     """Autoregressive generator: static attributes first, then the sequence step by step.
 
     Static attributes come from :class:`~synthmed.models.static_model.ConditionalStaticModel`,
-    which can be conditioned on any subset of them. Then, given them, which temporal variables the
-    patient has at all (its charted flags: an arterial line, blood gases; a Bernoulli mixture
-    drawn once per patient), so that a variable the patient does not have is never observed and
-    one it has is charted as for the patients who have it. The sequence comes from an LSTM that
-    reads the static vector, the flags and a running summary of the sequence so far (for each variable its last value,
-    the time since and share of steps it was observed; the time since admission, the previous gap
-    and the step count) and emits at each step: whether the sequence stops; the gap to the next
-    observation (zero-inflated log-normal mixture); which variables are observed (Bernoulli
-    mixture with at least one observed), given the gap; and their values (a mixture of products of
-    Gaussians, centred on each variable's last value, and categoricals), given the mask and gap.
+    which can be conditioned on any subset of them. Then, without DP, which temporal variables
+    the patient has at all, given them (its charted flags, ``LSTMConfig.charted_flags``: an
+    arterial line, blood gases; a Bernoulli mixture drawn once per patient), so that a variable
+    the patient does not have is never observed. The sequence comes from an LSTM that reads the
+    static vector, the flags and a running summary of the sequence so far (for each variable its
+    last value, the time since and share of steps it was observed; the time since admission, the
+    previous gap and the step count) and emits at each step: whether the sequence stops; the gap
+    to the next observation (zero-inflated log-normal mixture); which variables are observed
+    (Bernoulli mixture with at least one observed), given the gap; and their values (a mixture of
+    products of Gaussians, centred on each variable's last value, and categoricals), given the
+    mask and gap.
     A sequence also ends when its next step would fall after the observation window
     (``max_time_``, e.g. PhysioNet's 48 h), and training scores that end as a right-censored
     gap, so the window, not a per-step hazard, explains why stays end there. Training maximises
