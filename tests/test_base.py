@@ -319,7 +319,10 @@ def test_static_encoder_logs_a_skewed_column_only_when_asked_and_decodes_it_back
     assert logged.columns_["Age"]["log"]
     encoded = logged.encode_number("Age", static["Age"].to_numpy())
     assert abs(encoded.mean()) < 1e-6 and abs(encoded.std() - 1) < 1e-6
-    np.testing.assert_allclose(logged.inverse(logged.transform(static))["Age"], static["Age"])
+    # Decoded numbers stay inside the range the training values span.
+    np.testing.assert_allclose(
+        logged.inverse(logged.transform(static))["Age"], static["Age"].clip(*logged.bounds("Age"))
+    )
     # A file written before the log option decodes as before.
     old = {
         "columns": {
@@ -329,3 +332,28 @@ def test_static_encoder_logs_a_skewed_column_only_when_asked_and_decodes_it_back
     }
     reloaded = StaticEncoder.from_dict(old, schema)
     np.testing.assert_array_equal(reloaded.transform(static), plain.transform(static))
+
+
+def test_static_encoder_bounds_are_the_training_range_inside_the_declared_one(tiny_cohort):
+    from synthmed.models.transforms import RANGE_RANK, StaticEncoder
+
+    schema = tiny_cohort.schema.with_column("Age", lower=0.0, upper=120.0)
+    static = tiny_cohort.static.copy()
+    static["Age"] = np.arange(len(static), dtype=float) + 30.0
+    ages = np.sort(static["Age"].to_numpy())
+    fitted = StaticEncoder().fit(static, schema)
+    assert fitted.bounds("Age") == (ages[RANGE_RANK - 1], ages[-RANGE_RANK])
+    far = fitted.transform(static.assign(Age=[-50.0, 500.0] * (len(static) // 2)))
+    decoded = fitted.inverse(far)["Age"]
+    assert set(decoded) == {ages[RANGE_RANK - 1], ages[-RANGE_RANK]}
+    # From the declared bounds alone (DP), and from files written before the range was kept,
+    # the declared bounds.
+    private = StaticEncoder().fit(static, schema, from_bounds=True)
+    assert private.bounds("Age") == (0.0, 120.0)
+    old = {
+        "columns": {
+            k: {f: v for f, v in info.items() if f not in ("low", "high")}
+            for k, info in fitted.to_dict()["columns"].items()
+        }
+    }
+    assert StaticEncoder.from_dict(old, schema).bounds("Age") == (0.0, 120.0)

@@ -62,6 +62,8 @@ _PRIVATE_STATIC_BUDGET = 0.2
 _PRIVATE_SEQUENCE_BUDGET = 0.3
 _PRIVATE_LABELLER_BUDGET = 0.35
 _PRIVATE_PREVALENCE_BUDGET = 0.05
+#: Where the per-patient dequantisation widths of the static numbers sit in _Prepared.tensors.
+_STATIC_DEQUANTIZE = 10
 #: Gradient norm clipping of non-private training (DP clips per patient instead).
 _CLIP_NORM = 5.0
 
@@ -187,10 +189,12 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
     """Autoregressive generator: static attributes first, then the sequence step by step.
 
     Static attributes come from :class:`~synthmed.models.static_model.ConditionalStaticModel`,
-    which can be conditioned on any subset of them. Then, without DP, which temporal variables
-    the patient has at all, given them (its charted flags, ``LSTMConfig.charted_flags``: an
-    arterial line, blood gases; a Bernoulli mixture drawn once per patient), so that a variable
-    the patient does not have is never observed. The sequence comes from an LSTM that reads the
+    which can be conditioned on any subset of them; without DP it reads long-tailed numbers
+    (survival or length of stay in days) on a log scale, and generated numbers stay inside the
+    range the training values span (``StaticEncoder.bounds``). Then, without DP, which temporal
+    variables the patient has at all, given them (its charted flags,
+    ``LSTMConfig.charted_flags``: an arterial line, blood gases; a Bernoulli mixture drawn once
+    per patient), so that a variable the patient does not have is never observed. The sequence comes from an LSTM that reads the
     static vector, the flags and a running summary of the sequence so far (for each variable its
     last value, the time since and share of steps it was observed; the time since admission, the
     previous gap and the step count) and emits at each step: whether the sequence stops; the gap
@@ -409,14 +413,14 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             )
         # The static model shares no parameter with the sequence model: it gets its own, longer
         # schedule first (see fit_static_model), under DP on its own share of the budget.
-        static_rows = data.tensors[0]
+        static_rows, dequantize = data.tensors[0], data.tensors[_STATIC_DEQUANTIZE]
         if private:
             static_fit = fit_static_model_privately(
                 network.static_model,
                 static_rows[train_rows.to(device)],
                 noise,
                 functools.partial(self._make_private, budget_fraction=_PRIVATE_STATIC_BUDGET),
-                data.static_dequantize,
+                dequantize[train_rows.to(device)],
             )
         else:
             static_fit = fit_static_model(
@@ -424,7 +428,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
                 static_rows[train_rows.to(device)],
                 static_rows[val_rows.to(device)],
                 noise,
-                data.static_dequantize,
+                dequantize[train_rows.to(device)],
             )
         network.static_model.requires_grad_(False)
         self.facts_["static_fit"] = static_fit
@@ -602,7 +606,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         noise: torch.Generator,
         device: torch.device,
     ) -> tuple[torch.Tensor, ...]:
-        static, inputs, gaps, mask, values, codes, lengths, ended, remaining, flags = (
+        static, inputs, gaps, mask, values, codes, lengths, ended, remaining, flags, dequantize = (
             t.to(device, non_blocking=True) for t in batch
         )
         steps = max(int(lengths.max()), 1)
@@ -623,7 +627,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         return (
             static,
             static,
-            data.static_dequantize,
+            dequantize,
             inputs,
             lengths,
             ended,
@@ -672,9 +676,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         for block in encoder.blocks_:
             if block.kind != "numeric":
                 continue
-            column = encoder.schema_[block.name]
-            lo = -np.inf if column.lower is None else column.lower
-            hi = np.inf if column.upper is None else column.upper
+            lo, hi = encoder.bounds(block.name)
             lower.append(float(encoder.encode_number(block.name, lo)))
             upper.append(float(encoder.encode_number(block.name, hi)))
         self._static_bounds = (
@@ -767,9 +769,9 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
                 grid["support"] = facts["static_support"][name]
                 grid["share"] = facts.get("static_support_share", {}).get(name, 1.0)
                 grid["weights"] = facts.get("static_support_weight", {}).get(name)
-            column = self.schema_[name]
             drawn = static[name].to_numpy(dtype=np.float64)
-            static[name] = put_on_grid(drawn, grid, column.lower, column.upper, generator)
+            low, high = self.static_encoder_.bounds(name)
+            static[name] = put_on_grid(drawn, grid, low, high, generator)
         for name in conditions.columns:
             given = conditions[name].notna().to_numpy()
             if given.any() and self.schema_[name].kind == "numeric":
@@ -899,8 +901,21 @@ class _Prepared:
     codec: ValueCodec
     facts: dict[str, Any]
     tensors: list[torch.Tensor]
-    static_dequantize: torch.Tensor
     n_truncated: int
+
+
+def _dequantize_widths(
+    encoder: StaticEncoder, name: str, values: np.ndarray, step: float
+) -> np.ndarray:
+    """Each patient's width, on the encoded scale, of the grid cell its value of the static
+    column ``name`` stands for (0 off the grid or where missing). On a log scale the cell
+    narrows as the value grows."""
+    info = encoder.columns_[name]
+    if step <= 0 or not info["log"]:
+        return np.full(len(values), step / info["scale"])
+    values = np.where(np.isfinite(values), values, 0.0)
+    low = np.maximum(values - step / 2, 0.0)
+    return encoder.encode_number(name, values + step / 2) - encoder.encode_number(name, low)
 
 
 def _time_quantum(times: np.ndarray) -> float:
@@ -999,7 +1014,9 @@ def _prepare(
     values[~step_mask] = np.nan
     mask = ~np.isnan(values)
 
-    static_encoder = StaticEncoder().fit(cohort.static, schema, from_bounds=private)
+    static_encoder = StaticEncoder().fit(
+        cohort.static, schema, from_bounds=private, log_skewed=True
+    )
     if summary is not None:  # private: the scaler of noisy histograms
         value_scaler = summary.value_scaler(schema)
     else:
@@ -1034,7 +1051,9 @@ def _prepare(
         found = frequent_values(column_values) if learn_grid else None
         if found is not None:
             static_support[block.name], static_share[block.name], static_weight[block.name] = found
-        static_dequantize.append(step / static_encoder.columns_[block.name]["scale"])
+        static_dequantize.append(
+            _dequantize_widths(static_encoder, block.name, column_values, step)
+        )
     seen_categories = {}
     for name in schema.static_columns:
         column = schema[name]
@@ -1113,6 +1132,11 @@ def _prepare(
         torch.as_tensor(remaining, dtype=torch.float32, device=device),
         # Which variables each patient has at some step (its charted flags).
         t_mask.any(dim=1).to(torch.float32),
+        torch.as_tensor(
+            np.stack(static_dequantize, axis=1) if static_dequantize else np.zeros((n, 0)),
+            dtype=torch.float32,
+            device=device,
+        ),
     ]
     return _Prepared(
         static_encoder,
@@ -1120,6 +1144,5 @@ def _prepare(
         codec,
         facts,
         tensors,
-        torch.tensor(static_dequantize, dtype=torch.float32, device=device),
         n_truncated,
     )

@@ -178,9 +178,9 @@ class ConditionalStaticModel(nn.Module):
         Args:
             x: ``[n, width]`` encoded rows.
             generator: Source of the random orders (and of the dequantisation noise).
-            dequantize: ``[n_numeric]`` widths in standardised units; each present numeric value
-                gets uniform noise of that width (for columns recorded on a grid, such as whole
-                years, so the mixture models a density rather than spikes). 0 for none.
+            dequantize: ``[n, n_numeric]`` widths in standardised units; each present numeric
+                value gets uniform noise of its width (for columns recorded on a grid, such as
+                whole years, so the mixture models a density rather than spikes). 0 for none.
         """
         n, s = x.shape[0], self.n_columns
         if s == 0:
@@ -192,7 +192,7 @@ class ConditionalStaticModel(nn.Module):
             x = x.clone()
             for i, column in enumerate(self.numeric):
                 present = x[:, column.start + 1] < 0.5 if column.has_missing else 1.0
-                x[:, column.start] += (noise[:, i] - 0.5) * dequantize[i] * present
+                x[:, column.start] += (noise[:, i] - 0.5) * dequantize[:, i] * present
         u = torch.rand((n, s), generator=generator, device=x.device)
         rank = u.argsort(dim=1).argsort(dim=1)
         revealed = torch.randint(0, s, (n, 1), generator=generator, device=x.device)
@@ -307,7 +307,8 @@ def fit_static_model(
         train, validation: ``[n, width]`` encoded rows.
         generator: Source of the shuffles, orders and dequantisation noise, on the rows'
             device.
-        dequantize: As in :meth:`ConditionalStaticModel.forward`.
+        dequantize: As in :meth:`ConditionalStaticModel.forward`, one row per row of
+            ``train``.
 
     Returns:
         ``{"epochs": run, "best_epoch": ..., "validation_loss": best}`` (loss per row; None
@@ -323,7 +324,8 @@ def fit_static_model(
     for epoch in range(1, max_epochs + 1):
         order = torch.randperm(len(train), generator=generator, device=device)
         for rows in order.split(batch_size):
-            loss = model(train[rows], generator, dequantize).mean()
+            widths = dequantize[rows] if dequantize is not None else None
+            loss = model(train[rows], generator, widths).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -402,7 +404,9 @@ def fit_static_model_privately(
         for (rows,) in loader:
             if len(rows) == 0:  # Poisson sampling can draw an empty batch
                 continue
-            loss = module(train[rows.to(device)], generator, dequantize).mean() * loss_scale
+            rows = rows.to(device)
+            widths = dequantize[rows] if dequantize is not None else None
+            loss = module(train[rows], generator, widths).mean() * loss_scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -24,6 +24,9 @@ from synthmed.errors import SchemaError
 from synthmed.schema import ColumnSchema, Schema
 
 SKEW_FOR_LOG = 1.0
+#: A static number is generated no further out than the RANGE_RANK-th most extreme training
+#: value on each side (as frequent values, value_grid._MIN_COUNT, need that many patients).
+RANGE_RANK = 5
 
 
 @dataclasses.dataclass
@@ -60,7 +63,8 @@ class StaticEncoder:
         bounds with ``from_bounds``). With ``log_skewed`` (and not ``from_bounds``), a
         non-negative column skewed like ValueScaler's log variables (length of stay, survival
         days) is encoded as ``log1p(value)``, which a generator reaches more easily than a long
-        tail."""
+        tail. Fitted from the data, each numeric column also keeps the range its values span
+        (see :meth:`bounds`)."""
         self.columns_: dict[str, dict[str, Any]] = {}
         for name in schema.static_columns:
             column = schema[name]
@@ -68,12 +72,14 @@ class StaticEncoder:
             # Under DP the presence of missing values is not looked up: every column gets a slot.
             has_missing = True if from_bounds else bool(values.isna().any())
             if column.kind == "numeric":
+                observed: dict[str, float] = {}
                 if from_bounds:
                     center, scale = _bounds_center_scale(column)
                     log = False
                 else:
                     numbers = values.to_numpy(dtype=np.float64)
                     numbers = numbers[np.isfinite(numbers)]
+                    observed = _observed_range(numbers)
                     log = (
                         log_skewed
                         and len(numbers) > 1
@@ -89,6 +95,7 @@ class StaticEncoder:
                     "scale": max(scale, 1e-6),
                     "log": bool(log),
                     "has_missing": has_missing,
+                    **observed,
                 }
             else:
                 self.columns_[name] = {"has_missing": has_missing}
@@ -121,6 +128,17 @@ class StaticEncoder:
         values = np.asarray(encoded, dtype=np.float64) * info["scale"] + info["center"]
         return _from_log(values) if info.get("log", False) else values
 
+    def bounds(self, name: str) -> tuple[float, float]:
+        """Where generated numbers of the numeric column ``name`` are put: inside its declared
+        bounds and, when fitted from the data, inside the range its training values span,
+        from the ``RANGE_RANK``-th smallest to the ``RANGE_RANK``-th largest (so no single
+        patient's extreme value is reproduced). PhysioNet 2012 records ages above 89 as 90, and
+        a generator that reads ages as a smooth density otherwise draws ages of 91 to 95."""
+        column, info = self.schema_[name], self.columns_[name]
+        lower = -np.inf if column.lower is None else column.lower
+        upper = np.inf if column.upper is None else column.upper
+        return max(lower, info.get("low", -np.inf)), min(upper, info.get("high", np.inf))
+
     def transform(self, static: pd.DataFrame) -> np.ndarray:
         out = np.zeros((len(static), self.width_), dtype=np.float32)
         for block in self.blocks_:
@@ -144,7 +162,9 @@ class StaticEncoder:
             part = encoded[:, block.start : block.start + block.width]
             column = self.schema_[block.name]
             if block.kind == "numeric":
-                numbers = _into_bounds(self.decode_number(block.name, part[:, 0]), column)
+                numbers = _into_bounds(
+                    self.decode_number(block.name, part[:, 0]), column, self.bounds(block.name)
+                )
                 if block.has_missing:
                     numbers = np.where(part[:, -1] > 0.5, np.nan, numbers)
                 columns[block.name] = numbers
@@ -270,11 +290,27 @@ class ValueScaler:
         return scaler
 
 
-def _into_bounds(values: np.ndarray, column: ColumnSchema) -> np.ndarray:
-    lower = -np.inf if column.lower is None else column.lower
-    upper = np.inf if column.upper is None else column.upper
-    values = np.clip(values, lower, upper)
+def _into_bounds(
+    values: np.ndarray, column: ColumnSchema, bounds: tuple[float, float] | None = None
+) -> np.ndarray:
+    """``values`` clipped into ``bounds`` (default: the column's declared ones) and rounded
+    for ``integer`` columns."""
+    if bounds is None:
+        bounds = (
+            -np.inf if column.lower is None else column.lower,
+            np.inf if column.upper is None else column.upper,
+        )
+    values = np.clip(values, *bounds)
     return np.round(values) if column.integer else values
+
+
+def _observed_range(numbers: np.ndarray) -> dict[str, float]:
+    """``{"low": ..., "high": ...}``: the ``RANGE_RANK``-th smallest and largest of the finite
+    ``numbers`` (empty when there are fewer than ``2 * RANGE_RANK``)."""
+    if len(numbers) < 2 * RANGE_RANK:
+        return {}
+    ordered = np.partition(numbers, (RANGE_RANK - 1, len(numbers) - RANGE_RANK))
+    return {"low": float(ordered[RANGE_RANK - 1]), "high": float(ordered[-RANGE_RANK])}
 
 
 def _to_log(values: np.ndarray) -> np.ndarray:
