@@ -492,9 +492,7 @@ def grid_to_cohort(features: pd.DataFrame, attributes: pd.DataFrame, schema: Any
         column = schema[name]
         raw = attributes[name].to_numpy(dtype=float)
         if column.kind == "numeric":
-            lower = -np.inf if column.lower is None else column.lower
-            upper = np.inf if column.upper is None else column.upper
-            raw = np.clip(raw, lower, upper)
+            raw = np.clip(raw, *column.bounds)
             static[name] = np.round(raw) if column.integer else raw
         else:
             codes = np.clip(np.round(raw), 0, len(column.categories) - 1).astype(np.int64)

@@ -582,9 +582,7 @@ def _array_column(
             i = np.flatnonzero(infinite)[0]
             raise _infinite_value(column.name, ids[patient[i]], values[i])
         # float32 model outputs can land a rounding error past a float64 bound.
-        lower = -np.inf if column.lower is None else column.lower
-        upper = np.inf if column.upper is None else column.upper
-        return np.clip(values, lower, upper, out=values)
+        return np.clip(values, *column.bounds, out=values)
     present = ~np.isnan(values)
     invalid = present & (
         (values < 0) | (values >= len(column.categories)) | (values != np.round(values))

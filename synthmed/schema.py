@@ -45,6 +45,14 @@ class ColumnSchema:
     categories: tuple | None = None
     integer: bool = False
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(lower, upper)``, infinite where the column declares no bound."""
+        return (
+            -np.inf if self.lower is None else self.lower,
+            np.inf if self.upper is None else self.upper,
+        )
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise SchemaError(f"column names must be non-empty strings, got {self.name!r}")

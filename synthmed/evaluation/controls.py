@@ -42,9 +42,7 @@ def add_noise(cohort: Cohort, scale: float = 1.0, seed: int = 0) -> Cohort:
             continue
         values = events[variable].to_numpy(dtype=np.float64)
         noisy = values + rng.normal(0.0, scale * np.nanstd(values), len(values))
-        lower = -np.inf if column.lower is None else column.lower
-        upper = np.inf if column.upper is None else column.upper
-        events[variable] = np.clip(noisy, lower, upper)
+        events[variable] = np.clip(noisy, *column.bounds)
     return _with_events(cohort, events)
 
 

@@ -658,8 +658,7 @@ def _check_condition_column(schema: Schema, name: Any, values: pd.Series) -> Non
             raise DataError(
                 f"condition column {name!r}: {given[numbers.isna()].iloc[0]!r} is not a number"
             )
-        lower = -np.inf if column.lower is None else column.lower
-        upper = np.inf if column.upper is None else column.upper
+        lower, upper = column.bounds
         outside = (numbers < lower) | (numbers > upper)
         if outside.any():
             raise DataError(

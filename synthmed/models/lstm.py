@@ -821,9 +821,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             step = facts["value_resolution"][name]
             support = facts["value_support"].get(name)
             if step > 0 or support:
-                column = self.schema_[name]
-                lo = -np.inf if column.lower is None else column.lower
-                hi = np.inf if column.upper is None else column.upper
+                lo, hi = self.schema_[name].bounds
                 column_values = values[..., position]
                 if step > 0:
                     column_values = np.round(column_values / step) * step
@@ -952,9 +950,9 @@ def _codec(facts: dict[str, Any], scaler: ValueScaler, device: torch.device) -> 
     positions = [variables.index(v) for v in facts["numeric_variables"]]
     lower, upper, resolution, support, share, weights = [], [], [], [], [], []
     for name in facts["numeric_variables"]:
-        column = schema[name]
-        lower.append(-np.inf if column.lower is None else column.lower)
-        upper.append(np.inf if column.upper is None else column.upper)
+        low, high = schema[name].bounds
+        lower.append(low)
+        upper.append(high)
         resolution.append(facts["value_resolution"][name])
         support.append(facts["value_support"].get(name))
         share.append(facts.get("value_support_share", {}).get(name, 1.0))

@@ -135,7 +135,7 @@ class StaticEncoder:
         patient's extreme value is reproduced). PhysioNet 2012 records ages above 89 as 90, and
         a generator that reads ages as a smooth density otherwise draws ages of 91 to 95."""
         info = self.columns_[name]
-        lower, upper = _declared_bounds(self.schema_[name])
+        lower, upper = self.schema_[name].bounds
         return max(lower, info.get("low", -np.inf)), min(upper, info.get("high", np.inf))
 
     def transform(self, static: pd.DataFrame) -> np.ndarray:
@@ -294,16 +294,8 @@ def _into_bounds(
 ) -> np.ndarray:
     """``values`` clipped into ``bounds`` (default: the column's declared ones) and rounded
     for ``integer`` columns."""
-    values = np.clip(values, *(bounds or _declared_bounds(column)))
+    values = np.clip(values, *(bounds or column.bounds))
     return np.round(values) if column.integer else values
-
-
-def _declared_bounds(column: ColumnSchema) -> tuple[float, float]:
-    """The column's declared ``(lower, upper)``, infinite where it declares none."""
-    return (
-        -np.inf if column.lower is None else column.lower,
-        np.inf if column.upper is None else column.upper,
-    )
 
 
 def _observed_range(numbers: np.ndarray) -> dict[str, float]:
