@@ -194,14 +194,14 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
     range the training values span (``StaticEncoder.bounds``). Then, without DP, which temporal
     variables the patient has at all, given them (its charted flags,
     ``LSTMConfig.charted_flags``: an arterial line, blood gases; a Bernoulli mixture drawn once
-    per patient), so that a variable the patient does not have is never observed. The sequence comes from an LSTM that reads the
-    static vector, the flags and a running summary of the sequence so far (for each variable its
-    last value, the time since and share of steps it was observed; the time since admission, the
-    previous gap and the step count) and emits at each step: whether the sequence stops; the gap
-    to the next observation (zero-inflated log-normal mixture); which variables are observed
-    (Bernoulli mixture with at least one observed), given the gap; and their values (a mixture of
-    products of Gaussians, centred on each variable's last value, and categoricals), given the
-    mask and gap.
+    per patient), so that a variable the patient does not have is never observed. The sequence
+    comes from an LSTM that reads the static vector, the flags and a running summary of the
+    sequence so far (for each variable its last value, the time since and share of steps it was
+    observed; the time since admission, the previous gap and the step count) and emits at each
+    step: whether the sequence stops; the gap to the next observation (zero-inflated log-normal
+    mixture); which variables are observed (Bernoulli mixture with at least one observed), given
+    the gap; and their values (a mixture of products of Gaussians, centred on each variable's
+    last value, and categoricals), given the mask and gap.
     A sequence also ends when its next step would fall after the observation window
     (``max_time_``, e.g. PhysioNet's 48 h), and training scores that end as a right-censored
     gap, so the window, not a per-step hazard, explains why stays end there. Training maximises
@@ -906,8 +906,8 @@ def _dequantize_widths(
     encoder: StaticEncoder, name: str, values: np.ndarray, step: float
 ) -> np.ndarray:
     """Each patient's width, on the encoded scale, of the grid cell its value of the static
-    column ``name`` stands for (0 off the grid or where missing). On a log scale the cell
-    narrows as the value grows."""
+    column ``name`` stands for (0 off the grid; a missing value gets a width that is never
+    used, as its noise is not added). On a log scale the cell narrows as the value grows."""
     info = encoder.columns_[name]
     if step <= 0 or not info["log"]:
         return np.full(len(values), step / info["scale"])
