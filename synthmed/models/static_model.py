@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from synthmed.models.heads import GaussianMixture, sample_categorical
 
@@ -292,6 +293,8 @@ def fit_static_model(
     learning_rate: float = 2e-3,
     patience: int = 40,
     validation_orders: int = 8,
+    plateau_patience: int = 10,
+    average_decay: float = 0.995,
 ) -> dict[str, Any]:
     """Train ``model`` alone by maximum likelihood, stopping early on ``validation`` rows.
 
@@ -301,6 +304,13 @@ def fit_static_model(
     The validation loss averages ``validation_orders`` fixed random column orders, so epochs
     compare fairly; the weights of the best epoch are kept. Without validation rows, all
     ``max_epochs`` run.
+
+    What is validated and kept is an exponential moving average of the weights (decay
+    ``average_decay`` per minibatch), and the learning rate halves after ``plateau_patience``
+    epochs without a better validation loss. Without them the kept weights were one noisy
+    step of Adam's, and the predictions made with few columns known, which few training rows
+    score, were off by several points (PhysioNet 2012: women 0.38-0.41 of the generated
+    patients against 0.44).
 
     Args:
         model: The model to train (in place).
@@ -315,6 +325,10 @@ def fit_static_model(
         without validation rows).
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=0.5, patience=plateau_patience
+    )
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(average_decay))
     device = train.device
     seeds = torch.randint(
         2**31 - 1, (validation_orders,), generator=generator, device=device
@@ -329,20 +343,21 @@ def fit_static_model(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            averaged.update_parameters(model)
         if len(validation) == 0:
             continue
         with torch.no_grad():
             score = sum(
-                float(model(validation, torch.Generator(device=device).manual_seed(s)).mean())
+                float(averaged(validation, torch.Generator(device=device).manual_seed(s)).mean())
                 for s in seeds
             ) / len(seeds)
+        scheduler.step(score)
         if score < best - 1e-4:
             best, best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in averaged.module.state_dict().items()}
         elif epoch - best_epoch >= patience:
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    model.load_state_dict(best_state if best_state is not None else averaged.module.state_dict())
     return {
         "epochs": epoch,
         "best_epoch": best_epoch or epoch,
