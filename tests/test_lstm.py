@@ -286,6 +286,33 @@ def test_early_stopping_keeps_the_best_epoch(cohort: Cohort) -> None:
     assert len(history) - best == 2
 
 
+def test_kept_weights_are_the_moving_average_of_the_iterates(cohort: Cohort, monkeypatch):
+    # Without DP the weights kept are an exponential moving average of the iterates, over
+    # about the last 3.5 epochs, not Adam's last noisy step.
+    iterates = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        iterates.append((self, [p.detach().clone() for p in self.param_groups[0]["params"]]))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    synth = tiny(epochs=3, batch_size=16, validation_fraction=0.0).fit(cohort)
+    sequence_optimizer = iterates[-1][0]
+    steps = [weights for optimizer, weights in iterates if optimizer is sequence_optimizer]
+    decay = 1 - 1 / (3.5 * math.ceil(cohort.n_patients / 16))
+    average = steps[0]
+    for weights in steps[1:]:
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights, strict=True)]
+    names = [name for name, _ in synth.network_.sequence.named_parameters()]
+    kept = dict(synth.network_.sequence.named_parameters())
+    assert len(names) == len(average)
+    out = names.index("out.weight")  # a layer that project() leaves alone
+    torch.testing.assert_close(kept["out.weight"], average[out])
+    assert not torch.allclose(kept["out.weight"], steps[-1][out], atol=1e-4)
+
+
 def test_minibatches_not_one_step_per_epoch(cohort: Cohort, monkeypatch) -> None:
     steps = []
     original = torch.optim.Adam.step
@@ -755,13 +782,16 @@ def test_a_long_tailed_static_column_is_generated_in_log_space(tmp_path) -> None
     stay = ColumnSchema("Length_of_stay", "numeric", "static", "days", 0.0, 400.0, integer=True)
     cohort = _with_static_column(simulated, stay, days)
     config = dataclasses.replace(TINY, static_hidden=32, static_components=3)
-    synth = tiny(epochs=1, config=config).fit(cohort)
+    # Two fits: the share at 0-1 days varies from fit to fit (0.03-0.07 on a log scale).
+    fits = [tiny(epochs=1, config=config, seed=seed).fit(cohort) for seed in (0, 1)]
+    synth = fits[0]
     assert synth.static_encoder_.columns_["Length_of_stay"]["log"]
-    drawn = synth.sample(2000, seed=0).static["Length_of_stay"]
-    np.testing.assert_array_equal(drawn, drawn.round())
-    assert drawn.min() >= 0
-    assert (drawn <= 1).mean() < 0.06  # real: 3 %
-    assert abs(drawn.median() / np.median(days) - 1) < 0.25
+    drawn = [fit.sample(2000, seed=0).static["Length_of_stay"] for fit in fits]
+    for days_drawn in drawn:
+        np.testing.assert_array_equal(days_drawn, days_drawn.round())
+        assert days_drawn.min() >= 0
+        assert abs(days_drawn.median() / np.median(days) - 1) < 0.25
+    assert np.mean([(d <= 1).mean() for d in drawn]) < 0.06  # real: 3.7 %
     loaded = load_synthesizer(synth.save(tmp_path / "days.synthmed"))
     assert_same(loaded.sample(30, seed=1), synth.sample(30, seed=1))
 

@@ -22,6 +22,7 @@ with ``StaticEncoder`` (``LSTMSynthesizer`` trains it by maximum likelihood with
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -294,7 +295,7 @@ def fit_static_model(
     patience: int = 40,
     validation_orders: int = 8,
     plateau_patience: int = 10,
-    average_decay: float = 0.995,
+    average_epochs: float = 15.0,
 ) -> dict[str, Any]:
     """Train ``model`` alone by maximum likelihood, stopping early on ``validation`` rows.
 
@@ -305,8 +306,8 @@ def fit_static_model(
     compare fairly; the weights of the best epoch are kept. Without validation rows, all
     ``max_epochs`` run.
 
-    What is validated and kept is an exponential moving average of the weights (decay
-    ``average_decay`` per minibatch), and the learning rate halves after ``plateau_patience``
+    What is validated and kept is an exponential moving average of the weights over about the
+    last ``average_epochs`` epochs, and the learning rate halves after ``plateau_patience``
     epochs without a better validation loss. Without them the kept weights were one noisy
     step of Adam's, and the predictions made with few columns known, which few training rows
     score, were off by several points (PhysioNet 2012: women 0.38-0.41 of the generated
@@ -328,7 +329,8 @@ def fit_static_model(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=plateau_patience
     )
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(average_decay))
+    decay = 1.0 - 1.0 / (average_epochs * math.ceil(len(train) / batch_size))
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
     device = train.device
     seeds = torch.randint(
         2**31 - 1, (validation_orders,), generator=generator, device=device
