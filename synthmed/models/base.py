@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 import synthmed
@@ -51,6 +52,14 @@ def pad_steps(array: np.ndarray, width: int, fill: float) -> np.ndarray:
         return array
     pad = [(0, 0), (0, missing)] + [(0, 0)] * (array.ndim - 2)
     return np.pad(array, pad, constant_values=fill)
+
+
+def moving_average(module: torch.nn.Module, epochs: float, batches_per_epoch: int) -> AveragedModel:
+    """An exponential moving average of ``module``'s weights spanning about the last ``epochs``
+    epochs (decay ``1 - 1 / (epochs * batches_per_epoch)`` per minibatch); call its
+    ``update_parameters(module)`` after every optimiser step."""
+    decay = 1.0 - 1.0 / (epochs * max(batches_per_epoch, 1))
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -15,14 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from synthmed.cohort import Cohort
 from synthmed.encoding import category_codes
 from synthmed.errors import DataError
-from synthmed.models.base import GeneratedBatch, Synthesizer
+from synthmed.models.base import GeneratedBatch, Synthesizer, moving_average
 from synthmed.models.lstm_network import (
     SequenceNetwork,
     SequenceSampler,
@@ -464,10 +463,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         # Without DP the weights kept are a moving average of the iterates: the last iterate
         # alone is one noisy step of Adam's, and rates such as the arterial line's moved by
         # +-0.05 from fit to fit with it.
-        decay = 1.0 - 1.0 / (_AVERAGE_EPOCHS * max(len(loader), 1))
-        averaged = (
-            None if private else AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay))
-        )
+        averaged = None if private else moving_average(network, _AVERAGE_EPOCHS, len(loader))
         kept = network if averaged is None else averaged.module
         norm = data.facts["mean_length"] + 1.0
         best, best_state, best_epoch, bad, first_epoch = math.inf, None, 0, 0, 0

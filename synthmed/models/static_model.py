@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from synthmed.models.base import moving_average
 from synthmed.models.heads import GaussianMixture, sample_categorical
 
 
@@ -329,8 +329,7 @@ def fit_static_model(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=plateau_patience
     )
-    decay = 1.0 - 1.0 / (average_epochs * math.ceil(len(train) / batch_size))
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    averaged = moving_average(model, average_epochs, math.ceil(len(train) / batch_size))
     device = train.device
     seeds = torch.randint(
         2**31 - 1, (validation_orders,), generator=generator, device=device
