@@ -286,6 +286,23 @@ def test_early_stopping_keeps_the_best_epoch(cohort: Cohort) -> None:
     assert len(history) - best == 2
 
 
+def test_learning_rate_halves_after_half_the_patience(cohort: Cohort, monkeypatch) -> None:
+    # After a quarter of it, one raw PhysioNet fit stopped on a dip of its noisy held-out loss.
+    made = []
+    original = torch.optim.lr_scheduler.ReduceLROnPlateau.__init__
+
+    def recording_init(self, optimizer, **settings):
+        made.append(settings)
+        original(self, optimizer, **settings)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "__init__", recording_init)
+    synth = tiny(epochs=40, patience=6, learning_rate=0.05, seed=1).fit(cohort)
+    assert made[-1] == {"factor": 0.5, "patience": 3}  # the sequence model's, made last
+    rates = synth.history_["learning_rate"].to_numpy()
+    assert rates.min() < 0.05, "the rate never dropped"
+    assert set(np.log2(0.05 / rates).round(6)) <= set(range(10))
+
+
 def test_kept_weights_are_the_moving_average_of_the_iterates(cohort: Cohort, monkeypatch):
     # Without DP the weights kept are an exponential moving average of the iterates, over
     # about the last 3.5 epochs, not Adam's last noisy step.
