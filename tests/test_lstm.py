@@ -286,6 +286,27 @@ def test_early_stopping_keeps_the_best_epoch(cohort: Cohort) -> None:
     assert len(history) - best == 2
 
 
+def test_lstm_outputs_are_dropped_in_training_not_in_validation(cohort: Cohort, monkeypatch):
+    # A quarter of the LSTM's outputs reach the heads as zeros while training (without DP);
+    # the held-out loss is computed without dropout. LSTM outputs are otherwise never 0 exactly.
+    shares: dict[bool, list[float]] = {True: [], False: []}
+    build = LSTMSynthesizer._build_network
+
+    def recording_build(self, private):
+        network = build(self, private)
+
+        def record(module, inputs):
+            shares[module.training].append(float((inputs[0] == 0).float().mean()))
+
+        network.sequence.out.register_forward_pre_hook(record)
+        return network
+
+    monkeypatch.setattr(LSTMSynthesizer, "_build_network", recording_build)
+    tiny(epochs=2).fit(cohort)
+    assert np.mean(shares[True]) == pytest.approx(0.25, abs=0.03)
+    assert shares[False] and max(shares[False]) == 0.0
+
+
 def test_learning_rate_halves_after_half_the_patience(cohort: Cohort, monkeypatch) -> None:
     # After a quarter of it, one raw PhysioNet fit stopped on a dip of its noisy held-out loss.
     made = []

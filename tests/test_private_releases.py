@@ -107,12 +107,14 @@ def test_private_lstm_draws_outcomes_from_a_labeller_that_learned_them(private_m
     assert roc_auc_score(synthetic.static[OUTCOME].to_numpy().astype(int), p) > 0.7
 
 
-def test_charted_flags_default_to_off_under_dp_and_on_without(private_model, cohort):
+def test_charted_flags_and_dropout_default_to_off_under_dp_and_on_without(private_model, cohort):
     assert private_model.config_.charted_flags is False
     assert private_model.network_.sequence.n_flags == 0
+    assert private_model.config_.dropout == private_model.network_.sequence.dropout == 0.0
     public = _private_lstm(None).fit(cohort)
     assert public.config_.charted_flags is True
     assert public.network_.sequence.n_flags == len(cohort.schema.temporal_columns)
+    assert public.config_.dropout == public.network_.sequence.dropout == 0.25
 
 
 def test_private_lstm_honours_outcome_conditions_by_redrawing_patients(private_model):

@@ -204,6 +204,7 @@ class SequenceNetwork(nn.Module):
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.gap_scale = gap_scale
+        self.dropout = dropout
         self.private = private
         # With charted flags the sequence is conditioned on which variables the patient ever has
         # (drawn first, from the static vector), and a variable never charted is never observed.
@@ -344,6 +345,7 @@ class SequenceNetwork(nn.Module):
             out = self.lstm(x, *self.initial_state(condition, batch_first=True))
         else:
             out, _ = self.lstm(x, self.initial_state(condition))
+        out = F.dropout(out, self.dropout, self.training)
         head = self.out(out)
         stop_logit, gap_raw = head[..., 0], head[:, :steps, 1:]
         position = torch.arange(steps + 1, device=gaps.device)[None, :]
