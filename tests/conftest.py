@@ -44,3 +44,19 @@ def physionet_a(physionet_dir: Path) -> Cohort:
     from synthmed.datasets import load_physionet2012
 
     return load_physionet2012(physionet_dir / "set-a.tar.gz")
+
+
+@pytest.fixture
+def adam_iterates(monkeypatch) -> list[tuple[torch.optim.Optimizer, list[torch.Tensor]]]:
+    """Every Adam step taken during the test, in order: the optimizer and a copy of its first
+    parameter group's weights after the step."""
+    iterates: list[tuple[torch.optim.Optimizer, list[torch.Tensor]]] = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        iterates.append((self, [p.detach().clone() for p in self.param_groups[0]["params"]]))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    return iterates

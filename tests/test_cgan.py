@@ -330,23 +330,14 @@ def test_training_moves_the_generator(cohort):
     assert not torch.equal(*weights)
 
 
-def test_kept_generator_is_the_moving_average_of_its_iterates(cohort, monkeypatch):
+def test_kept_generator_is_the_moving_average_of_its_iterates(cohort, adam_iterates):
     # Without DP the generator kept is an exponential moving average of its iterates over
     # about the last ten epochs, not its last step against a moving critic.
-    iterates = []
-    original = torch.optim.Adam.step
-
-    def recording_step(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        iterates.append((self, [p.detach().clone() for p in self.param_groups[0]["params"]]))
-        return result
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     # Without the extra static rounds the generator steps once per batch.
     config = dataclasses.replace(TINY, static_critic_steps=0)
     synth = tiny(epochs=3, config=config).fit(cohort)
     kept = list(synth.generator_.parameters())
-    steps = [w for _, w in iterates if len(w) == len(kept)]
+    steps = [w for _, w in adam_iterates if len(w) == len(kept)]
     assert len(steps) == 3 * -(-cohort.n_patients // 32)
     decay = 1 - 1 / (10 * -(-cohort.n_patients // 32))
     average = steps[0]

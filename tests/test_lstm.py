@@ -324,21 +324,12 @@ def test_learning_rate_halves_after_half_the_patience(cohort: Cohort, monkeypatc
     assert set(np.log2(0.05 / rates).round(6)) <= set(range(10))
 
 
-def test_kept_weights_are_the_moving_average_of_the_iterates(cohort: Cohort, monkeypatch):
+def test_kept_weights_are_the_moving_average_of_the_iterates(cohort: Cohort, adam_iterates):
     # Without DP the weights kept are an exponential moving average of the iterates, over
     # about the last 3.5 epochs, not Adam's last noisy step.
-    iterates = []
-    original = torch.optim.Adam.step
-
-    def recording_step(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        iterates.append((self, [p.detach().clone() for p in self.param_groups[0]["params"]]))
-        return result
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
     synth = tiny(epochs=3, batch_size=16, validation_fraction=0.0).fit(cohort)
-    sequence_optimizer = iterates[-1][0]
-    steps = [weights for optimizer, weights in iterates if optimizer is sequence_optimizer]
+    sequence_optimizer = adam_iterates[-1][0]
+    steps = [weights for optimizer, weights in adam_iterates if optimizer is sequence_optimizer]
     decay = 1 - 1 / (3.5 * math.ceil(cohort.n_patients / 16))
     average = steps[0]
     for weights in steps[1:]:
