@@ -188,7 +188,18 @@ class _Network(nn.Module):
         """``[B, 5]`` negative log-likelihood per patient: static, end, gap, mask, values."""
         static_nll = self.static_model(static_targets, generator, static_dequantize)
         sequence_nll = self.sequence(
-            static, inputs, lengths, ended, remaining, gaps, gap_targets, mask, z, codes, flags
+            static,
+            inputs,
+            lengths,
+            ended,
+            remaining,
+            gaps,
+            gap_targets,
+            mask,
+            z,
+            codes,
+            flags,
+            generator=generator,
         )
         return torch.cat([static_nll[:, None], sequence_nll], dim=1)
 

@@ -312,6 +312,7 @@ class SequenceNetwork(nn.Module):
         z: torch.Tensor,
         codes: torch.Tensor,
         flags: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Per-patient negative log-likelihood ``[B, 4]``: end, gap, mask and value terms
         (the mask term includes the charted flags' term).
@@ -336,6 +337,7 @@ class SequenceNetwork(nn.Module):
             codes: ``[B, T, n_categorical]`` category codes (>= 0 everywhere).
             flags: ``[B, V]`` 0/1, whether each variable is observed at some step (required
                 with charted flags, ignored without).
+            generator: draws the dropout masks in training.
         """
         batch, steps = gaps.shape
         flags = flags if self.n_flags else None
@@ -345,7 +347,11 @@ class SequenceNetwork(nn.Module):
             out = self.lstm(x, *self.initial_state(condition, batch_first=True))
         else:
             out, _ = self.lstm(x, self.initial_state(condition))
-        out = F.dropout(out, self.dropout, self.training)
+        if self.training and self.dropout > 0:
+            # A uniform draw compared with the rate: half the time of F.dropout's Bernoulli
+            # draws on CPU, and from the fit's own generator.
+            u = torch.rand(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+            out = out * (u >= self.dropout) / (1.0 - self.dropout)
         head = self.out(out)
         stop_logit, gap_raw = head[..., 0], head[:, :steps, 1:]
         position = torch.arange(steps + 1, device=gaps.device)[None, :]
