@@ -348,6 +348,26 @@ def test_kept_generator_is_the_moving_average_of_its_iterates(cohort, adam_itera
     assert not torch.allclose(kept[-1], steps[-1][-1], atol=1e-4)
 
 
+def test_checkpoint_without_the_average_resumes_from_its_generator(cohort, tmp_path):
+    # Checkpoints written before the moving average was kept have no "averaged" entry: the
+    # average then starts from the generator they saved, not from a fresh initialisation.
+    finished = tiny(epochs=2).fit(cohort, checkpoint_dir=tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    assert "averaged" in payload["state"]
+    del payload["state"]["averaged"]
+    torch.save(payload, path)
+    resumed = tiny(epochs=2).fit(cohort, checkpoint_dir=tmp_path, resume=True)
+    assert len(resumed.history_) == 2
+    saved = payload["state"]["generator"]
+    for name, weight in resumed.generator_.state_dict().items():
+        torch.testing.assert_close(weight, saved[name])
+    assert not all(
+        torch.equal(weight, finished.generator_.state_dict()[name])
+        for name, weight in saved.items()
+    ), "the saved last iterate should differ from the average kept by the finished fit"
+
+
 def test_steps_encoding_round_trips_real_sequences(fitted, cohort):
     layout = fitted.layout_
     times, values, lengths = layout.decode_steps(layout.encode_steps(cohort))

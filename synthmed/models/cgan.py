@@ -878,27 +878,30 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             budget_fraction=critic_budget,
         )
 
-        # Without DP the generator kept is a moving average of its iterates (Yazici et al.,
-        # 2019), not the last of its steps against a moving critic. Under DP it would be
-        # post-processing, but it left the private TSTR where it was (results.md), so it is off.
-        averaged = (
-            moving_average(self.generator_, _AVERAGE_EPOCHS, len(loader))
-            if self.epsilon is None
-            else None
-        )
         rows: list[dict[str, Any]] = []
         first_epoch = 1
         # After _make_private: restores RNGs, history and, under DP, the accountant.
         resumed = self._load_checkpoint(generator, {"noise": noise, "order": order})
+        saved: dict[str, Any] = {}
         if resumed is not None:
             first_epoch, saved = resumed[0] + 1, resumed[1]
             self.generator_.load_state_dict(saved["generator"])
             critics.load_state_dict(saved["critics"])
             generator_optimizer.load_state_dict(saved["generator_optimizer"])
             critic_optimizer.load_state_dict(saved["critic_optimizer"])
-            if averaged is not None:
-                averaged.load_state_dict(saved["averaged"])
             rows = self.history_.to_dict(orient="records")
+        # Without DP the generator kept is a moving average of its iterates (Yazici et al.,
+        # 2019), not the last of its steps against a moving critic. Under DP it would be
+        # post-processing, but it left the private TSTR where it was (results.md), so it is off.
+        # Made after a resumed generator is loaded, so that a checkpoint written before the
+        # average was kept starts it from the generator it saved.
+        averaged = (
+            moving_average(self.generator_, _AVERAGE_EPOCHS, len(loader))
+            if self.epsilon is None
+            else None
+        )
+        if averaged is not None and "averaged" in saved:
+            averaged.load_state_dict(saved["averaged"])
         bar = tqdm(
             range(first_epoch, self.epochs + 1), desc="CGAN", unit="epoch", disable=not self.verbose
         )

@@ -482,11 +482,6 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
                 optimizer, factor=0.5, patience=max(1, self.patience // 2)
             )
         )
-        # Without DP the weights kept are a moving average of the iterates: the last iterate
-        # alone is one noisy step of Adam's, and rates such as the arterial line's moved by
-        # +-0.05 from fit to fit with it.
-        averaged = None if private else moving_average(network, _AVERAGE_EPOCHS, len(loader))
-        kept = network if averaged is None else averaged.module
         norm = data.facts["mean_length"] + 1.0
         best, best_state, best_epoch, bad, first_epoch = math.inf, None, 0, 0, 0
         history: list[dict[str, float]] = []
@@ -494,6 +489,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         named = {} if noise is generator else {"noise": noise}
         # After _make_private: restores the RNGs, history and, under DP, the accountant.
         resumed = self._load_checkpoint(generator, named)
+        saved: dict[str, Any] = {}
         if resumed is not None:
             first_epoch, saved = resumed
             network.load_state_dict(saved["network"])
@@ -501,10 +497,16 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             if scheduler is not None:
                 scheduler.load_state_dict(saved["scheduler"])
             best, best_epoch, bad = saved["best"], saved["best_epoch"], saved["bad"]
-            if averaged is not None and "averaged" in saved:
-                averaged.load_state_dict(saved["averaged"])
             best_state = saved.get("best_state")
             history = self.history_.to_dict(orient="records")
+        # Without DP the weights kept are a moving average of the iterates: the last iterate
+        # alone is one noisy step of Adam's, and rates such as the arterial line's moved by
+        # +-0.05 from fit to fit with it. Made after a resumed network is loaded, so that a
+        # checkpoint written before the average was kept starts it from the network it saved.
+        averaged = None if private else moving_average(network, _AVERAGE_EPOCHS, len(loader))
+        kept = network if averaged is None else averaged.module
+        if averaged is not None and "averaged" in saved:
+            averaged.load_state_dict(saved["averaged"])
         progress = tqdm(
             range(first_epoch, self.epochs), desc="LSTM", unit="epoch", disable=not self.verbose
         )
