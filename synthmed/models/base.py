@@ -54,12 +54,23 @@ def pad_steps(array: np.ndarray, width: int, fill: float) -> np.ndarray:
     return np.pad(array, pad, constant_values=fill)
 
 
-def moving_average(module: torch.nn.Module, epochs: float, batches_per_epoch: int) -> AveragedModel:
+def moving_average(
+    module: torch.nn.Module,
+    epochs: float,
+    batches_per_epoch: int,
+    state: dict[str, Any] | None = None,
+) -> AveragedModel:
     """An exponential moving average of ``module``'s weights spanning about the last ``epochs``
     epochs (decay ``1 - 1 / (epochs * batches_per_epoch)`` per minibatch); call its
-    ``update_parameters(module)`` after every optimiser step."""
+    ``update_parameters(module)`` after every optimiser step.
+
+    ``state`` is a saved average to resume (a checkpoint's); without one the average starts
+    from ``module``'s current weights, so build it after loading a resumed module."""
     decay = 1.0 - 1.0 / (epochs * max(batches_per_epoch, 1))
-    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    averaged = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    if state is not None:
+        averaged.load_state_dict(state)
+    return averaged
 
 
 def resolve_device(device: str) -> torch.device:

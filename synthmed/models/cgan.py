@@ -896,12 +896,10 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         # Made after a resumed generator is loaded, so that a checkpoint written before the
         # average was kept starts it from the generator it saved.
         averaged = (
-            moving_average(self.generator_, _AVERAGE_EPOCHS, len(loader))
+            moving_average(self.generator_, _AVERAGE_EPOCHS, len(loader), saved.get("averaged"))
             if self.epsilon is None
             else None
         )
-        if averaged is not None and "averaged" in saved:
-            averaged.load_state_dict(saved["averaged"])
         bar = tqdm(
             range(first_epoch, self.epochs + 1), desc="CGAN", unit="epoch", disable=not self.verbose
         )

@@ -505,10 +505,12 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         # alone is one noisy step of Adam's, and rates such as the arterial line's moved by
         # +-0.05 from fit to fit with it. Made after a resumed network is loaded, so that a
         # checkpoint written before the average was kept starts it from the network it saved.
-        averaged = None if private else moving_average(network, _AVERAGE_EPOCHS, len(loader))
+        averaged = (
+            None
+            if private
+            else moving_average(network, _AVERAGE_EPOCHS, len(loader), saved.get("averaged"))
+        )
         kept = network if averaged is None else averaged.module
-        if averaged is not None and "averaged" in saved:
-            averaged.load_state_dict(saved["averaged"])
         progress = tqdm(
             range(first_epoch, self.epochs), desc="LSTM", unit="epoch", disable=not self.verbose
         )
