@@ -27,6 +27,7 @@ from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
 from synthmed.models.lstm_network import SequenceSampler, StepFeatures, ValueCodec, gap_features
 from synthmed.models.persistence import load_synthesizer, read_model_file, save_model_file
 from synthmed.models.value_grid import detect_resolution, frequent_values, snap
+from synthmed.models.variability import match_temperature, within_stay_spread
 from synthmed.schema import ColumnSchema, Schema
 
 TINY = LSTMConfig(
@@ -251,6 +252,8 @@ def test_category_never_seen_in_training_raises(synth: LSTMSynthesizer) -> None:
         {"max_length": 0},
         {"config": {"hidden_size": 0}},
         {"config": {"no_such_field": 3}},
+        {"match_variability": "yes"},
+        {"quantize": 1},
     ],
 )
 def test_bad_settings_raise(settings) -> None:
@@ -558,6 +561,51 @@ def test_window_end_feature_sharpens_towards_the_end_of_the_window() -> None:
     assert features.inputs().shape[1] == StepFeatures.size(1, [])
     without = StepFeatures(3, 1, [], device=torch.device("cpu"), **args)
     assert (without.inputs()[:, -1] == 0).all()
+
+
+def test_within_stay_spread_counts_patients_observed_twice_inside_their_stay() -> None:
+    nan = np.nan
+    values = np.array(
+        [
+            [[1.0, 5.0], [3.0, nan], [nan, nan], [100.0, 100.0]],  # step 4 lies past the stay
+            [[2.0, nan], [2.0, 7.0], [8.0, nan], [nan, nan]],
+        ]
+    )
+    spread = within_stay_spread(values, np.array([3, 4]))
+    # variable 0: patients' SDs 1 (1, 3) and sqrt(8) (2, 2, 8); variable 1: nobody twice.
+    np.testing.assert_allclose(spread[0], (1.0 + math.sqrt(8.0)) / 2)
+    assert np.isnan(spread[1])
+
+
+def test_match_temperature_finds_the_factor_that_matches_the_spread() -> None:
+    base = np.array([2.0, 1.0, 4.0, 3.0])
+    target = np.array([1.6, 1.2, np.nan, 3.0])
+
+    def generate(temperature: np.ndarray) -> np.ndarray:
+        return base * temperature**0.9  # the spread grows a little slower than the noise
+
+    temperature = match_temperature(target, generate)
+    np.testing.assert_allclose(generate(temperature)[[0, 1, 3]], target[[0, 1, 3]], rtol=0.02)
+    assert temperature[2] == 1.0  # no target: left alone
+
+
+def test_matched_variability_brings_generated_stays_to_the_training_spread(
+    synth: LSTMSynthesizer, cohort: Cohort
+) -> None:
+    """The tiny, briefly trained model generates stays whose values move far more or less than
+    the training stays; the matched temperatures bring the spread to the training one."""
+    unmatched = tiny(seed=0, match_variability=False).fit(cohort)
+    assert set(unmatched.value_temperature_.values()) == {1.0}
+    assert set(synth.value_temperature_) == set(synth.facts_["numeric_variables"])
+    assert any(abs(t - 1.0) > 0.05 for t in synth.value_temperature_.values())
+    arrays = cohort.arrays
+    target = within_stay_spread(arrays.values, arrays.lengths)
+
+    def error(model: LSTMSynthesizer) -> float:
+        out = model.sample(400, seed=3).arrays
+        return float(np.nanmean(np.abs(within_stay_spread(out.values, out.lengths) / target - 1)))
+
+    assert error(synth) < 0.1 < error(unmatched)
 
 
 def _coded(draws: np.ndarray, support: list[float], weights: list[float]) -> np.ndarray:

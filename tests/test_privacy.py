@@ -636,6 +636,8 @@ def test_our_generators_train_privately_and_keep_nothing_else_from_the_data(coho
         # value histograms, static model, sequence model, outcome labeller, prevalence count
         assert [p["budget_fraction"] for p in phases] == pytest.approx([0.1, 0.2, 0.3, 0.35, 0.05])
         assert all(p["steps"] == p["epochs"] * round(1 / p["sample_rate"]) for p in phases)
+        # The stays' spread would be a release outside the budget: no temperature is matched.
+        assert set(model.value_temperature_.values()) == {1.0}
     # Fitted on other patients (same schema and size), everything a model keeps besides its
     # weights (scalers, lengths, time scales, grids, categories) must be identical, except what
     # is fitted on a release accounted in the budget: the value scaler (both models) and the

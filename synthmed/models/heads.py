@@ -180,10 +180,15 @@ class ProductMixture:
         return torch.logsumexp(terms, dim=-1)
 
     def sample(
-        self, raw: torch.Tensor, generator: torch.Generator, anchor: torch.Tensor | None = None
+        self,
+        raw: torch.Tensor,
+        generator: torch.Generator,
+        anchor: torch.Tensor | None = None,
+        temperature: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z [..., n_numeric], codes [..., n_categorical])``, every variable drawn
-        (``anchor`` as in :meth:`log_prob`)."""
+        (``anchor`` as in :meth:`log_prob`; ``temperature`` ``[n_numeric]`` scales each numeric
+        variable's standard deviations)."""
         logits, mu, raw_scale, cat = self._split(raw, anchor)
         k = sample_categorical(logits, generator)
         pick = k.reshape(*k.shape, 1, 1)
@@ -192,6 +197,8 @@ class ProductMixture:
             raw_scale.gather(-2, pick.expand(*mu.shape[:-2], 1, mu.shape[-1])).squeeze(-2),
             self.min_scale,
         )
+        if temperature is not None:
+            sigma_k = sigma_k * temperature
         noise = torch.randn(mu_k.shape, generator=generator, device=raw.device, dtype=raw.dtype)
         z = mu_k + sigma_k * noise
         cat_k = cat.gather(-2, pick.expand(*cat.shape[:-2], 1, cat.shape[-1])).squeeze(-2)

@@ -520,8 +520,11 @@ class SequenceSampler:
         feature_args: dict,
         time_quantum: float,
         min_positive_gap: float,
+        value_temperature: torch.Tensor | None = None,
     ) -> None:
         self.net = network
+        # Scales each numeric variable's step noise (``variability.match_temperature``).
+        self.value_temperature = value_temperature
         self.codec = codec
         self.feature_args = feature_args
         self.time_quantum = time_quantum
@@ -697,7 +700,10 @@ class SequenceSampler:
                 + levels @ self.value_levels_t
             )
             z, codes = net.value_head.sample(
-                self._head(net.value_net, value_pre, self.value_deep), generator, features.locf_num
+                self._head(net.value_net, value_pre, self.value_deep),
+                generator,
+                features.locf_num,
+                self.value_temperature,
             )
             values = codec.from_z(z, generator)
             z = codec.to_z(values)
