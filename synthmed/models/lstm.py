@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from synthmed.cohort import Cohort
-from synthmed.encoding import category_codes
+from synthmed.encoding import SequenceArrays, category_codes
 from synthmed.errors import DataError
 from synthmed.models.base import GeneratedBatch, Synthesizer, moving_average
 from synthmed.models.lstm_network import (
@@ -627,9 +627,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         ``max_length`` of each stay): the value scaler is fitted on the histograms, and the
         length and rates start the stop and mask heads."""
         arrays = cohort.arrays
-        inside = arrays.step_mask
-        if self.max_time is not None:
-            inside = inside & (arrays.times <= self.max_time)
+        inside = _steps_in_window(arrays, self.max_time)
         inside = inside & (np.arange(arrays.max_length)[None, :] < max_length)
         return release_summary(
             self, cohort, inside, max_length, generator, budget_fraction=_PRIVATE_SUMMARY_BUDGET
@@ -728,22 +726,15 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         self.network_ = network.to(device).eval()
         facts = self.facts_
         self._codec = _codec(facts, self.value_scaler_, device)
-        numeric = facts["numeric_variables"]
-        # Files written before the temperatures existed sample at temperature 1.
-        found = facts.get("value_temperature") or {}
-        self.value_temperature_ = {name: float(found.get(name, 1.0)) for name in numeric}
         self._sampler = SequenceSampler(
             self.network_.sequence,
             self._codec,
             feature_args=_feature_args(facts),
             time_quantum=facts["time_quantum"],
             min_positive_gap=facts["time_quantum"],
-            value_temperature=torch.tensor(
-                [self.value_temperature_[name] for name in numeric], device=device
-            )
-            if found
-            else None,
         )
+        # Files written before the temperatures existed sample at temperature 1.
+        self._use_value_temperature(facts.get("value_temperature"))
         encoder = self.static_encoder_
         lower, upper = [], []
         for block in encoder.blocks_:
@@ -764,32 +755,39 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             return
         arrays = cohort.arrays
         positions = [arrays.variables.index(name) for name in numeric]
-        lengths = arrays.lengths
-        if self.max_time_ is not None:
-            lengths = (arrays.step_mask & (arrays.times <= self.max_time_)).sum(axis=1)
+        lengths = _steps_in_window(arrays, self.max_time_).sum(axis=1)
         target = within_stay_spread(arrays.values[..., positions], lengths)
         conditions = self._conditions_frame(_TEMPERATURE_PATIENTS, None)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        sampler = self._sampler
+        variables = list(self.schema_.temporal_columns)
+        columns = [variables.index(name) for name in numeric]
 
         def generate(temperature: np.ndarray) -> np.ndarray:
-            sampler.value_temperature = torch.tensor(
+            self._sampler.value_temperature = torch.tensor(
                 temperature, dtype=torch.float32, device=self.device_
             )
             draws = torch.Generator(device=self.device_).manual_seed(seed)
             with torch.no_grad():
                 batch = self._generate_patients(conditions, draws)
-            variables = list(self.schema_.temporal_columns)
-            columns = [variables.index(name) for name in numeric]
             return within_stay_spread(batch.values[..., columns], batch.lengths)
 
         temperature = match_temperature(target, generate)
-        self.value_temperature_ = {
+        self.facts_["value_temperature"] = {
             name: float(t) for name, t in zip(numeric, temperature, strict=True)
         }
-        self.facts_["value_temperature"] = dict(self.value_temperature_)
-        sampler.value_temperature = torch.tensor(
-            temperature, dtype=torch.float32, device=self.device_
+        self._use_value_temperature(self.facts_["value_temperature"])
+
+    def _use_value_temperature(self, temperature: Mapping[str, float] | None) -> None:
+        """Sample with ``temperature`` (numeric variable -> factor on its step noise); None:
+        every factor 1, and the sampler skips the scaling."""
+        numeric = self.facts_["numeric_variables"]
+        self.value_temperature_ = {
+            name: float((temperature or {}).get(name, 1.0)) for name in numeric
+        }
+        self._sampler.value_temperature = (
+            torch.tensor([self.value_temperature_[name] for name in numeric], device=self.device_)
+            if temperature
+            else None
         )
 
     # -- sampling --------------------------------------------------------------------------------
@@ -1024,6 +1022,14 @@ def _dequantize_widths(
     return encoder.encode_number(name, values + step / 2) - encoder.encode_number(name, low)
 
 
+def _steps_in_window(arrays: SequenceArrays, max_time: float | None) -> np.ndarray:
+    """``[n, T]`` bool: the steps of each stay up to the end of the observation window (every
+    step without one)."""
+    if max_time is None:
+        return arrays.step_mask
+    return arrays.step_mask & (arrays.times <= max_time)
+
+
 def _time_quantum(times: np.ndarray) -> float:
     """The grid of the recorded times (e.g. 1/60 h for minutes), or 0.0 when they are
     continuous: the smallest positive gap, if (nearly) all times are multiples of it."""
@@ -1097,11 +1103,8 @@ def _prepare(
     categorical = [v for v in variables if schema[v].kind != "numeric"]
     order = [variables.index(v) for v in numeric + categorical]
 
-    lengths = arrays.lengths.copy()
-    if max_time is not None:
-        # Steps after the window are dropped; the sequence then ends at the window (censored).
-        inside = arrays.step_mask & (arrays.times <= max_time)
-        lengths = inside.sum(axis=1).astype(np.int64)
+    # Steps after the window are dropped; the sequence then ends at the window (censored).
+    lengths = _steps_in_window(arrays, max_time).sum(axis=1).astype(np.int64)
     # A sequence cut at max_length has an unknown end; one cut by the window ends there.
     ended = lengths <= max_length if max_length is not None else np.ones(len(lengths), bool)
     if max_length is not None:
