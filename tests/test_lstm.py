@@ -186,6 +186,25 @@ def test_save_load_gives_the_same_samples(synth: LSTMSynthesizer, tmp_path) -> N
     assert_same(loaded.sample(25, seed=7), before)
 
 
+def test_file_written_before_the_variability_matching_samples_at_temperature_one(
+    synth: LSTMSynthesizer, tmp_path
+) -> None:
+    """Files written before ``match_variability`` existed have neither the setting nor the
+    factors: they load, and sample with the step noise as trained."""
+    path = synth.save(tmp_path / "model.synthmed")
+    model_type, config, tensors = read_model_file(path)
+    del config["params"]["match_variability"]
+    del config["state"]["facts"]["value_temperature"]
+    old = load_synthesizer(save_model_file(tmp_path / "old.synthmed", model_type, config, tensors))
+    assert set(old.value_temperature_) == set(synth.value_temperature_)
+    assert set(old.value_temperature_.values()) == {1.0}
+    as_trained = load_synthesizer(path)
+    as_trained._use_value_temperature(None)
+    assert_same(old.sample(25, seed=7), as_trained.sample(25, seed=7))
+    with pytest.raises(AssertionError):
+        assert_same(old.sample(25, seed=7), synth.sample(25, seed=7))
+
+
 def test_corrupted_file_raises(synth: LSTMSynthesizer, tmp_path) -> None:
     path = synth.save(tmp_path / "model.synthmed")
     content = bytearray(path.read_bytes())
