@@ -754,18 +754,15 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         if not numeric:
             return
         arrays = cohort.arrays
-        positions = [arrays.variables.index(name) for name in numeric]
+        # Training and generated arrays both hold the schema's temporal columns in its order.
+        columns = [arrays.variables.index(name) for name in numeric]
         lengths = _steps_in_window(arrays, self.max_time_).sum(axis=1)
-        target = within_stay_spread(arrays.values[..., positions], lengths)
+        target = within_stay_spread(arrays.values[..., columns], lengths)
         conditions = self._conditions_frame(_TEMPERATURE_PATIENTS, None)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        variables = list(self.schema_.temporal_columns)
-        columns = [variables.index(name) for name in numeric]
 
         def generate(temperature: np.ndarray) -> np.ndarray:
-            self._sampler.value_temperature = torch.tensor(
-                temperature, dtype=torch.float32, device=self.device_
-            )
+            self._use_value_temperature(dict(zip(numeric, temperature.tolist(), strict=True)))
             draws = torch.Generator(device=self.device_).manual_seed(seed)
             with torch.no_grad():
                 batch = self._generate_patients(conditions, draws)
