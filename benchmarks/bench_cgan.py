@@ -245,6 +245,8 @@ def run_grid(data: Path, grid: str, args: argparse.Namespace) -> dict:
     train = load_physionet2012(data / "set-a.tar.gz", variables=PANEL, resample=resample)
     holdout = load_physionet2012(data / "set-b.tar.gz", variables=PANEL, resample=resample)
     settings = {} if args.epochs is None else {"epochs": args.epochs}
+    if args.rejection_sampling is not None:
+        settings["rejection_sampling"] = args.rejection_sampling
     if args.config:
         settings["config"] = CGANConfig(**json.loads(args.config))
     model = CGANSynthesizer(seed=args.seed, verbose=args.verbose, **settings)
@@ -298,6 +300,12 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="save fitted models beside this path")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--rejection-sampling",
+        type=float,
+        default=None,
+        help="share of drafts to keep by discriminator rejection sampling (default: off)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

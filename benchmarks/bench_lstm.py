@@ -148,9 +148,16 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the model's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     parser.add_argument("--verbose", action="store_true", help="show the training progress bar")
+    parser.add_argument(
+        "--rejection-sampling",
+        type=float,
+        default=None,
+        help="share of drafts to keep by discriminator rejection sampling (default: off)",
+    )
     args = parser.parse_args()
 
     from synthmed.datasets import load_physionet2012
+    from synthmed.evaluation.discrimination import GRUDiscriminativeScore
     from synthmed.models.lstm import LSTMSynthesizer
     from synthmed.models.persistence import load_synthesizer
 
@@ -172,6 +179,8 @@ def main() -> None:
             settings["batch_size"] = args.batch_size
         if args.config:
             settings["config"] = json.loads(args.config)
+        if args.rejection_sampling is not None:
+            settings["rejection_sampling"] = args.rejection_sampling
         synth = LSTMSynthesizer(**settings)
         fit_wall, fit_cpu = time.perf_counter(), time.process_time()
         synth.fit(train)
@@ -182,6 +191,8 @@ def main() -> None:
     synthetic = synth.sample(holdout.n_patients, seed=args.seed)
     disc = discriminative_score(holdout, synthetic, args.seed)
     disc_ceiling = discriminative_score(holdout, train, args.seed)
+    # A discriminator of another kind (a GRU over the sequences), for a second opinion.
+    disc_gru = GRUDiscriminativeScore.compute(holdout, synthetic, args.seed)
     ks = ks_complement(holdout, synthetic)
     ks_ceiling = ks_complement(holdout, train)
     rate_real, rate_syn = observation_rates(holdout), observation_rates(synthetic)
@@ -201,6 +212,8 @@ def main() -> None:
         "best_epoch": synth.best_epoch_,
         "discriminative": disc,
         "discriminative_real_vs_real": disc_ceiling,
+        "discriminative_gru": disc_gru,
+        "rejection_sampling": synthetic.metadata.get("rejection_sampling"),
         "ks": ks,
         "ks_mean": float(np.mean(list(ks.values()))),
         "ks_mean_real_vs_real": float(np.mean(list(ks_ceiling.values()))),

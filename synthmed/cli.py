@@ -354,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C",
         help="per-patient gradient clipping bound under DP",
     )
+    settings.add_argument(
+        "--rejection-sampling",
+        type=_fraction,
+        metavar="SHARE",
+        help="keep about this share of drafted patients, those a classifier finds most like "
+        "the training patients (discriminator rejection sampling; slower sampling, not with "
+        "--epsilon)",
+    )
     settings.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
     settings.add_argument(
         "--max-time",
@@ -797,6 +805,7 @@ def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "epsilon",
         "delta",
         "max_grad_norm",
+        "rejection_sampling",
         "device",
     )
     settings = {key: getattr(args, key) for key in names if getattr(args, key) is not None}

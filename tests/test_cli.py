@@ -176,6 +176,24 @@ def write_physionet_set(root: Path, n: int = 14) -> Path:
     return folder
 
 
+def test_fit_with_rejection_sampling_writes_a_model_that_filters(work, tmp_path):
+    result = ok(synthmed("fit", work / "cohort.csv", "--model", "lstm", "--epochs", "1",
+                         "--out", tmp_path / "r.synthmed", "--rejection-sampling", "0.5",
+                         "--id", "patient_id", "--time", "time", "--static", "Age,Gender",
+                         "ICUType", "--outcomes", "In-hospital_death"))  # fmt: skip
+    assert "model:" in result.stdout
+    from synthmed import load_synthesizer
+
+    model = load_synthesizer(tmp_path / "r.synthmed")
+    assert model.rejection_sampling == 0.5 and model.rejection_filter_ is not None
+    assert model.sample(10, seed=0).metadata["rejection_sampling"]["kept"] == 10
+    refused = synthmed("fit", work / "cohort.csv", "--model", "lstm", "--epsilon", "3",
+                       "--out", tmp_path / "p.synthmed", "--rejection-sampling", "0.5",
+                       "--id", "patient_id", "--time", "time")  # fmt: skip
+    assert refused.returncode != 0
+    assert "cannot be combined with epsilon" in refused.stderr
+
+
 def test_fit_detects_the_physionet_layout(tmp_path):
     folder = write_physionet_set(tmp_path)
     result = ok(synthmed("fit", folder, "--model", "lstm", "--out", tmp_path / "m.synthmed",

@@ -66,6 +66,7 @@ class GaussianCopulaBaseline(Synthesizer):
         verbose: Show SDV's messages while fitting.
         epsilon, delta, max_grad_norm: Differential privacy is not available; ``epsilon`` must
             be None.
+        rejection_sampling: See :class:`~synthmed.models.base.Synthesizer`.
     """
 
     model_type = "gaussian-copula"
@@ -84,6 +85,7 @@ class GaussianCopulaBaseline(Synthesizer):
         epsilon: float | None = None,
         delta: float | None = None,
         max_grad_norm: float = 1.0,
+        rejection_sampling: float | None = None,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -94,6 +96,7 @@ class GaussianCopulaBaseline(Synthesizer):
             epsilon=epsilon,
             delta=delta,
             max_grad_norm=max_grad_norm,
+            rejection_sampling=rejection_sampling,
         )
         check_no_dp(type(self).__name__, epsilon)
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:

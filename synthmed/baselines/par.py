@@ -44,6 +44,7 @@ class PARBaseline(Synthesizer):
         verbose: Show SDV's progress bars.
         epsilon, delta, max_grad_norm: Differential privacy is not available for SDV models;
             ``epsilon`` must be None.
+        rejection_sampling: See :class:`~synthmed.models.base.Synthesizer`.
         segment_size: SDV's ``segment_size``: cut training sequences into segments of this many
             steps (None keeps whole sequences).
         sample_size: SDV's ``sample_size``: candidates drawn per sequence, the most likely kept.
@@ -75,6 +76,7 @@ class PARBaseline(Synthesizer):
         epsilon: float | None = None,
         delta: float | None = None,
         max_grad_norm: float = 1.0,
+        rejection_sampling: float | None = None,
         segment_size: int | None = None,
         sample_size: int = 1,
     ) -> None:
@@ -87,6 +89,7 @@ class PARBaseline(Synthesizer):
             epsilon=epsilon,
             delta=delta,
             max_grad_norm=max_grad_norm,
+            rejection_sampling=rejection_sampling,
         )
         check_no_dp(type(self).__name__, epsilon)
         self.segment_size = segment_size

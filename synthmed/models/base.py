@@ -24,10 +24,15 @@ from synthmed.cohort import Cohort
 from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError, SynthmedError
 from synthmed.models import distributed
 from synthmed.models.persistence import save_model_file
+from synthmed.models.rejection import FILTER_MAX_PATIENTS, RejectionFilter, draft_and_keep
 from synthmed.schema import Schema
 
 DEVICES = ("auto", "cpu", "cuda")
 ID_PREFIX = "syn-"
+#: Names of the rejection filter's tensors in a model file start with this.
+FILTER_PREFIX = "rejection_filter."
+#: Patients drafted for at once under rejection sampling (each gets several drafts).
+KEEP_BLOCK = 8192
 
 
 @dataclasses.dataclass
@@ -112,6 +117,13 @@ class Synthesizer(abc.ABC):
         epsilon, delta: Train with differential privacy (DP-SGD) to this budget; None trains
             without. ``delta`` defaults to ``1 / n_patients**1.1``.
         max_grad_norm: Per-patient gradient clipping bound under DP.
+        rejection_sampling: None (default) samples the model as it is. A share in (0, 1) turns
+            on discriminator rejection sampling (:mod:`synthmed.models.rejection`): after
+            training, a classifier learns to tell the model's drafts from the training patients,
+            and sampling keeps each draft with a probability that grows with how real it looks,
+            so that about this share of drafts is kept. Lower shares give patients closer to
+            the real ones and slower sampling. Not available with ``epsilon``: the classifier
+            reads the real patients outside the DP accounting.
     """
 
     model_type: ClassVar[str]
@@ -139,6 +151,7 @@ class Synthesizer(abc.ABC):
         epsilon: float | None = None,
         delta: float | None = None,
         max_grad_norm: float = 1.0,
+        rejection_sampling: float | None = None,
     ) -> None:
         self.epochs = epochs
         self.batch_size = batch_size
@@ -148,6 +161,7 @@ class Synthesizer(abc.ABC):
         self.epsilon = epsilon
         self.delta = delta
         self.max_grad_norm = max_grad_norm
+        self.rejection_sampling = rejection_sampling
         self._check_shared_settings()
 
     def _check_shared_settings(self) -> None:
@@ -173,6 +187,18 @@ class Synthesizer(abc.ABC):
             raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
+        share = self.rejection_sampling
+        if share is not None:
+            if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share < 1:
+                raise ValueError(
+                    "rejection_sampling must be None or the share of drafts to keep, in (0, 1), "
+                    f"got {share!r}"
+                )
+            if self.epsilon is not None:
+                raise ValueError(
+                    "rejection_sampling cannot be combined with epsilon: its classifier reads "
+                    "the real training patients outside the DP accounting"
+                )
 
     # -- settings --------------------------------------------------------------------------------
 
@@ -263,6 +289,7 @@ class Synthesizer(abc.ABC):
         self.id_prefix_ = _fresh_prefix(cohort.ids)
         self.history_ = pd.DataFrame()
         self.privacy_spent_: tuple[float, float] | None = None
+        self.rejection_filter_: RejectionFilter | None = None
         self._sample_calls = 0
         started = time.perf_counter()
         # Set first (a model may sample its own patients at the end of _fit); a failed fit
@@ -275,6 +302,8 @@ class Synthesizer(abc.ABC):
                 torch.manual_seed(self.seed_)
                 generator = torch.Generator(device="cpu").manual_seed(self.seed_)
                 self._fit(cohort, generator)
+                if self.rejection_sampling is not None:
+                    self._fit_rejection_filter(cohort, generator)
         except BaseException:
             del self.schema_
             raise
@@ -284,6 +313,21 @@ class Synthesizer(abc.ABC):
     @abc.abstractmethod
     def _fit(self, cohort: Cohort, generator: torch.Generator) -> None:
         """Train on ``cohort``; fill ``self.history_``. Torch's RNG is already seeded."""
+
+    def _fit_rejection_filter(self, cohort: Cohort, generator: torch.Generator) -> None:
+        """Fit ``rejection_filter_`` on the training patients against as many of the model's
+        own drafts (up to the filter's cap), and calibrate it on as many more."""
+        n = min(cohort.n_patients, FILTER_MAX_PATIENTS)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        draws = torch.Generator(device=self.device_).manual_seed(seed)
+        with torch.no_grad():
+            drafts, calibration = (
+                self._batch_cohort(self._generate(self._conditions_frame(n, None), draws))
+                for _ in range(2)
+            )
+        self.rejection_filter_ = RejectionFilter.fit(
+            cohort, drafts, calibration, self.rejection_sampling, seed % 2**32
+        )
 
     # -- checkpoints (used by the models' training loops) -----------------------------------------
 
@@ -449,22 +493,83 @@ class Synthesizer(abc.ABC):
 
     def _sample_chunk(self, frame: pd.DataFrame, seed: int, first_id: int) -> Cohort:
         generator = torch.Generator(device=self.device_).manual_seed(seed)
+        metadata = self._provenance(seed)
         with torch.no_grad():
-            batch = self._generate(frame, generator)
+            if self.rejection_filter_ is None:
+                batch = self._generate(frame, generator)
+            else:
+                batch, metadata["rejection_sampling"] = self._generate_kept(frame, generator)
         ids = pd.Index(
             [f"{self.id_prefix_}{i:08d}" for i in range(first_id, first_id + len(frame))],
             name=self.schema_.id_column,
         )
+        _check_conditions(batch.static[self.schema_.static_columns].set_axis(ids), frame)
+        return self._batch_cohort(batch, ids, metadata)
+
+    def _batch_cohort(
+        self,
+        batch: GeneratedBatch,
+        ids: pd.Index | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Cohort:
+        if ids is None:
+            ids = pd.RangeIndex(len(batch.lengths), name=self.schema_.id_column)
         static = batch.static[self.schema_.static_columns].set_axis(ids)
-        _check_conditions(static, frame)
         return Cohort.from_arrays(
-            static,
-            batch.times,
-            batch.values,
-            batch.lengths,
-            self.schema_,
-            metadata=self._provenance(seed),
+            static, batch.times, batch.values, batch.lengths, self.schema_, metadata=metadata
         )
+
+    def _generate_kept(
+        self, frame: pd.DataFrame, generator: torch.Generator
+    ) -> tuple[GeneratedBatch, dict[str, int]]:
+        """One patient per row of ``frame``, each the first of its drafts the filter keeps
+        (drafts of a row share its conditions); with the counts of drafts for the metadata.
+        Rows are drafted in blocks, and only the kept drafts of a block are held on to."""
+        filter_ = self.rejection_filter_
+        assert filter_ is not None
+
+        def keep(batch: GeneratedBatch) -> np.ndarray:
+            return filter_.keep_probability(self._batch_cohort(batch))
+
+        def uniform(k: int) -> np.ndarray:
+            return (
+                torch.rand(k, generator=generator, device=generator.device).double().cpu().numpy()
+            )
+
+        pieces = []
+        counts = {"drafted": 0, "kept": len(frame), "forced": 0}
+        for start in range(0, len(frame), KEEP_BLOCK):
+            block = frame.iloc[start : start + KEEP_BLOCK].reset_index(drop=True)
+
+            def draft(slots: np.ndarray, block: pd.DataFrame = block) -> GeneratedBatch:
+                return self._generate(block.iloc[slots].reset_index(drop=True), generator)
+
+            kept = draft_and_keep(len(block), draft, keep, uniform, filter_.acceptance)
+            counts["drafted"] += kept.drafted
+            counts["forced"] += kept.forced
+            for k, drafted in enumerate(kept.parts):
+                mine = np.flatnonzero(kept.choice[:, 0] == k)
+                rows = kept.choice[mine, 1]
+                pieces.append(
+                    (
+                        start + mine,
+                        drafted.times[rows],
+                        drafted.values[rows],
+                        drafted.lengths[rows],
+                        drafted.static.iloc[rows].set_axis(start + mine),
+                    )
+                )
+        width = max(piece[1].shape[1] for piece in pieces)
+        n_values = pieces[0][2].shape[2]
+        times = np.zeros((len(frame), width))
+        values = np.full((len(frame), width, n_values), np.nan)
+        lengths = np.zeros(len(frame), dtype=np.int64)
+        for positions, piece_times, piece_values, piece_lengths, _ in pieces:
+            times[positions] = pad_steps(piece_times, width, 0.0)
+            values[positions] = pad_steps(piece_values, width, np.nan)
+            lengths[positions] = piece_lengths
+        static = pd.concat([piece[4] for piece in pieces]).sort_index()
+        return GeneratedBatch(static, times, values, lengths), counts
 
     def _provenance(self, seed: int) -> dict[str, Any]:
         metadata: dict[str, Any] = {
@@ -583,7 +688,7 @@ class Synthesizer(abc.ABC):
         if not distributed.is_main_process():
             return Path(path)  # under torchrun only rank 0 writes
         state, tensors = self._get_state()
-        config = {
+        config: dict[str, Any] = {
             "params": _json_safe(self.get_params()),
             "schema": self.schema_.to_dict(),
             "fitted": {
@@ -594,9 +699,14 @@ class Synthesizer(abc.ABC):
                 "privacy_spent_": list(self.privacy_spent_) if self.privacy_spent_ else None,
                 "history_": self.history_.to_dict(orient="split", index=False),
             },
+            "rejection_filter": None,
             "state": state,
             "synthmed_version": synthmed.__version__,
         }
+        if self.rejection_filter_ is not None:
+            filter_config, filter_tensors = self.rejection_filter_.to_state()
+            config["rejection_filter"] = filter_config
+            tensors = {**tensors, **{FILTER_PREFIX + k: v for k, v in filter_tensors.items()}}
         return save_model_file(path, self.model_type, config, tensors)
 
     @classmethod
@@ -624,6 +734,17 @@ class Synthesizer(abc.ABC):
             history = fitted["history_"]
             model.history_ = pd.DataFrame(history["data"], columns=history["columns"])
             model._sample_calls = 0
+            filter_tensors = {
+                k[len(FILTER_PREFIX) :]: v
+                for k, v in tensors.items()
+                if k.startswith(FILTER_PREFIX)
+            }
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(FILTER_PREFIX)}
+            # Files written before rejection sampling existed have no filter.
+            filter_config = config.get("rejection_filter")
+            model.rejection_filter_ = (
+                RejectionFilter.from_state(filter_config, filter_tensors) if filter_config else None
+            )
             model._set_state(config["state"], tensors)
         except ModelFileError:
             raise

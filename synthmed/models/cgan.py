@@ -600,7 +600,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             2012's set-a (4,000 stays, 8 variables, raw times) in about 10 minutes of one CPU
             core.
         batch_size: Patients per step (real and generated alike).
-        seed, device, verbose, epsilon, delta, max_grad_norm: See
+        seed, device, verbose, epsilon, delta, max_grad_norm, rejection_sampling: See
             :class:`~synthmed.models.base.Synthesizer`.
         config: Architecture and objective settings (:class:`CGANConfig`); defaults if None.
 
@@ -637,6 +637,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         epsilon: float | None = None,
         delta: float | None = None,
         max_grad_norm: float = 1.0,
+        rejection_sampling: float | None = None,
         config: CGANConfig | None = None,
     ) -> None:
         super().__init__(
@@ -648,6 +649,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             epsilon=epsilon,
             delta=delta,
             max_grad_norm=max_grad_norm,
+            rejection_sampling=rejection_sampling,
         )
         if config is not None and not isinstance(config, CGANConfig):
             raise ValueError(f"config must be a CGANConfig, got {type(config).__name__}")

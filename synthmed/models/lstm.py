@@ -287,7 +287,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             from real ones less often (``benchmarks/results.md``, fifteenth session). Off under
             DP, where the training stays' spread would be a release outside the budget.
         sample_batch_size: Patients generated in parallel by one batch when sampling.
-        seed, device, verbose, epsilon, delta, max_grad_norm: See
+        seed, device, verbose, epsilon, delta, max_grad_norm, rejection_sampling: See
             :class:`~synthmed.models.base.Synthesizer`.
 
     Fitted attributes: ``max_length_``, ``max_time_``, ``n_truncated_`` (None when loaded from
@@ -326,6 +326,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         epsilon: float | None = None,
         delta: float | None = None,
         max_grad_norm: float = 1.0,
+        rejection_sampling: float | None = None,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -336,6 +337,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             epsilon=epsilon,
             delta=delta,
             max_grad_norm=max_grad_norm,
+            rejection_sampling=rejection_sampling,
         )
         self.config = config
         # A dict of fields becomes an LSTMConfig (validated), so settings round-trip through

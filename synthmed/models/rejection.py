@@ -1,0 +1,325 @@
+"""Discriminator rejection sampling: keep drafted patients in proportion to how real they look.
+
+After a generator is fitted, a gradient-boosting classifier learns to tell its drafts from the
+training patients on per-patient summary features
+(:func:`~synthmed.evaluation.features.patient_features`). Its odds estimate the density ratio
+``p_real(x) / p_model(x)``; keeping a draft with probability ``min(1, ratio / bound)`` turns the
+model's distribution into the real one wherever the ratio is below the bound (Azadi et al., 2019,
+"Discriminator Rejection Sampling"). The bound is set so that a chosen share of drafts is kept:
+the lower the share, the closer to real and the slower the sampling.
+
+An estimated ratio is not unbiased within groups of patients: drafts with more observations give
+the classifier more to catch them by, so a plain filter kept too few of them (on PhysioNet's
+hourly stays it cut the arterial pressures' observation rate by 0.06, against 0.02 before
+filtering). The log ratio is therefore tilted by a linear term in the number of steps and each
+variable's number of observations, fitted so that the kept drafts have the training patients'
+mean counts (exponential tilting, as in entropy balancing), which holds every observation rate
+where the training data have it.
+
+The classifier reads the real training patients, so the filter is not available under DP. It is
+stored as plain arrays (:class:`BoostedTrees`), never pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.ensemble import HistGradientBoostingClassifier
+
+from synthmed.cohort import Cohort
+from synthmed.evaluation.features import patient_features, without_empty_columns
+
+#: Most patients per side the classifier is trained on (the real cohort is subsampled above it).
+FILTER_MAX_PATIENTS = 10_000
+#: Rounds of drafting before a patient keeps its last draft whatever the filter says.
+MAX_ROUNDS = 20
+#: Rows the trees are evaluated on at once (bounds the memory of the gathers).
+_PREDICT_ROWS = 8192
+_NODE_FIELDS = ("feature", "threshold", "missing_left", "left", "right", "leaf", "value")
+
+
+@dataclasses.dataclass
+class BoostedTrees:
+    """A binary gradient-boosting classifier as padded node arrays, ``[n_trees, n_nodes]`` each.
+
+    A row goes left at a node when its feature is at most the threshold, or when it is missing
+    and the node sends missing values left, as scikit-learn's ``HistGradientBoostingClassifier``
+    decides; the logit is the baseline plus the sum of the leaves reached.
+    """
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    missing_left: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    leaf: np.ndarray
+    value: np.ndarray
+    baseline: float
+    depth: int
+
+    @classmethod
+    def from_sklearn(cls, model: HistGradientBoostingClassifier) -> BoostedTrees:
+        """Export a fitted binary ``HistGradientBoostingClassifier`` on numeric features."""
+        if model.n_trees_per_iteration_ != 1:
+            raise ValueError("only a binary classifier can be exported")
+        nodes = [predictors[0].nodes for predictors in model._predictors]
+        if any(n["is_categorical"].any() for n in nodes):
+            raise ValueError("only numeric features can be exported")
+        width = max(len(n) for n in nodes)
+        shape = (len(nodes), width)
+        # Padding nodes are leaves worth 0 that no row reaches.
+        arrays = {
+            "feature": np.zeros(shape, np.int64),
+            "threshold": np.zeros(shape, np.float64),
+            "missing_left": np.zeros(shape, bool),
+            "left": np.zeros(shape, np.int64),
+            "right": np.zeros(shape, np.int64),
+            "leaf": np.ones(shape, bool),
+            "value": np.zeros(shape, np.float64),
+        }
+        sources = {
+            "feature": "feature_idx",
+            "threshold": "num_threshold",
+            "missing_left": "missing_go_to_left",
+            "left": "left",
+            "right": "right",
+        }
+        for t, n in enumerate(nodes):
+            for name, source in sources.items():
+                arrays[name][t, : len(n)] = n[source]
+            arrays["leaf"][t, : len(n)] = n["is_leaf"].astype(bool)
+            arrays["value"][t, : len(n)] = n["value"]
+        depth = max(int(n["depth"].max()) for n in nodes)
+        return cls(**arrays, baseline=float(np.ravel(model._baseline_prediction)[0]), depth=depth)
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        """The logit of the positive class for each row of ``x`` (``[n, n_features]``)."""
+        x = np.asarray(x, dtype=np.float64)
+        out = np.empty(len(x))
+        trees = np.arange(len(self.value))[None, :]
+        for start in range(0, len(x), _PREDICT_ROWS):
+            block = x[start : start + _PREDICT_ROWS]
+            rows = np.arange(len(block))[:, None]
+            node = np.zeros((len(block), len(self.value)), np.int64)
+            for _ in range(self.depth):
+                seen = block[rows, self.feature[trees, node]]
+                go_left = np.where(
+                    np.isnan(seen),
+                    self.missing_left[trees, node],
+                    seen <= self.threshold[trees, node],
+                )
+                child = np.where(go_left, self.left[trees, node], self.right[trees, node])
+                node = np.where(self.leaf[trees, node], node, child)
+            out[start : start + len(block)] = self.baseline + self.value[trees, node].sum(axis=1)
+        return out
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(getattr(self, name).copy()) for name in _NODE_FIELDS}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], baseline: float, depth: int
+    ) -> BoostedTrees:
+        arrays = {name: tensors[name].numpy() for name in _NODE_FIELDS}
+        shapes = {a.shape for a in arrays.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"the tree arrays have different shapes: {sorted(shapes)}")
+        return cls(**arrays, baseline=float(baseline), depth=int(depth))
+
+
+class RejectionFilter:
+    """The fitted filter: which features it reads, its trees and the bound on the log odds.
+
+    A draft is kept with probability ``min(1, exp(logit - bound))``, ``logit`` being the
+    classifier's logit.
+    """
+
+    def __init__(
+        self,
+        columns: list[str],
+        trees: BoostedTrees,
+        tilt: Tilt,
+        bound: float,
+        acceptance: float,
+    ) -> None:
+        self.columns = list(columns)
+        self.trees = trees
+        self.tilt = tilt
+        self.bound = float(bound)
+        self.acceptance = float(acceptance)
+
+    @classmethod
+    def fit(
+        cls,
+        real: Cohort,
+        drafts: Cohort,
+        calibration: Cohort,
+        acceptance: float,
+        seed: int,
+    ) -> RejectionFilter:
+        """Train on ``real`` against ``drafts``; set the bound so that a share ``acceptance`` of
+        the ``calibration`` drafts (drawn apart from ``drafts``) would be kept."""
+        rng = np.random.default_rng(seed)
+        real_features = patient_features(real)
+        if len(real_features) > FILTER_MAX_PATIENTS:
+            keep = np.sort(rng.choice(len(real_features), FILTER_MAX_PATIENTS, replace=False))
+            real_features = real_features.iloc[keep]
+        columns = list(real_features.columns)
+        draft_features = patient_features(drafts)[columns]
+        x = np.vstack([real_features.to_numpy(np.float64), draft_features.to_numpy(np.float64)])
+        labels = np.r_[np.ones(len(real_features)), np.zeros(len(draft_features))]
+        model = HistGradientBoostingClassifier(
+            max_iter=300, early_stopping=True, random_state=int(rng.integers(2**31))
+        )
+        model.fit(without_empty_columns(x), labels)
+        trees = BoostedTrees.from_sklearn(model)
+        counts = [c for c in columns if c == "n_steps" or c.endswith("__n_obs")]
+        real_counts = real_features[counts].to_numpy(np.float64)
+        tilt = Tilt(counts, real_counts.mean(axis=0), real_counts.std(axis=0))
+        calibration_features = patient_features(calibration)
+        # The classes' sizes shift every logit alike, so the bound absorbs them.
+        logits = trees.decision_function(calibration_features[columns])
+        bound = tilt.fit(logits, calibration_features, acceptance)
+        return cls(columns, trees, tilt, bound, acceptance)
+
+    def keep_probability(self, drafts: Cohort) -> np.ndarray:
+        """The probability of keeping each patient of ``drafts``."""
+        features = patient_features(drafts)
+        logits = self.trees.decision_function(features[self.columns]) + self.tilt(features)
+        return np.exp(np.minimum(logits - self.bound, 0.0))
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        config = {
+            "columns": self.columns,
+            "tilt_columns": self.tilt.columns,
+            "bound": self.bound,
+            "acceptance": self.acceptance,
+            "baseline": self.trees.baseline,
+            "depth": self.trees.depth,
+        }
+        tensors = self.trees.to_tensors()
+        for name in ("center", "scale", "weights"):
+            tensors[f"tilt_{name}"] = torch.from_numpy(getattr(self.tilt, name).copy())
+        return config, tensors
+
+    @classmethod
+    def from_state(
+        cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> RejectionFilter:
+        trees = BoostedTrees.from_tensors(tensors, config["baseline"], config["depth"])
+        tilt = Tilt(
+            config["tilt_columns"], tensors["tilt_center"].numpy(), tensors["tilt_scale"].numpy()
+        )
+        tilt.weights = tensors["tilt_weights"].numpy()
+        if not len(tilt.center) == len(tilt.scale) == len(tilt.weights) == len(tilt.columns):
+            raise ValueError("the tilt's arrays do not match its columns")
+        return cls(config["columns"], trees, tilt, config["bound"], config["acceptance"])
+
+
+class Tilt:
+    """A linear term ``weights . (stats - center) / scale`` added to the log ratio, with
+    ``center`` the training patients' means of the ``columns`` (per-patient counts)."""
+
+    iterations = 30
+
+    def __init__(self, columns: list[str], center: np.ndarray, scale: np.ndarray) -> None:
+        self.columns = list(columns)
+        self.center = np.asarray(center, np.float64)
+        self.scale = np.where(np.asarray(scale, np.float64) > 0, scale, 1.0)
+        self.weights = np.zeros(len(self.columns))
+
+    def _standardised(self, features: pd.DataFrame) -> np.ndarray:
+        stats = features[self.columns].to_numpy(np.float64)
+        return np.nan_to_num((stats - self.center) / self.scale)
+
+    def __call__(self, features: pd.DataFrame) -> np.ndarray:
+        return self._standardised(features) @ self.weights
+
+    def fit(self, logits: np.ndarray, features: pd.DataFrame, acceptance: float) -> float:
+        """Fit ``weights`` so that drafts kept from ``features`` (with classifier ``logits``)
+        have mean standardised counts 0, the training mean; returns the bound that keeps
+        ``acceptance`` of them. Damped Newton steps on the convex dual of that constraint, the
+        bound re-solved at each step."""
+        stats = self._standardised(features)
+        ridge = 1e-6 * np.eye(len(self.columns))
+        for _ in range(self.iterations):
+            tilted = logits + stats @ self.weights
+            bound = _bound_for_acceptance(tilted, acceptance)
+            keep = np.exp(np.minimum(tilted - bound, 0.0))
+            keep /= keep.sum()
+            mean = keep @ stats
+            centred = stats - mean
+            covariance = centred.T @ (centred * keep[:, None]) + ridge
+            self.weights = self.weights - 0.7 * np.linalg.solve(covariance, mean)
+        return _bound_for_acceptance(logits + stats @ self.weights, acceptance)
+
+
+def _bound_for_acceptance(logits: np.ndarray, acceptance: float) -> float:
+    """The bound b with ``mean(min(1, exp(logits - b))) == acceptance`` (bisection; the mean
+    falls as b grows)."""
+    low, high = float(logits.min()), float(logits.max()) - math.log(acceptance)
+    for _ in range(100):
+        middle = 0.5 * (low + high)
+        if np.exp(np.minimum(logits - middle, 0.0)).mean() > acceptance:
+            low = middle
+        else:
+            high = middle
+    return 0.5 * (low + high)
+
+
+@dataclasses.dataclass
+class Kept:
+    """Which draft each patient kept: ``parts[k]`` is a drafted batch, ``choice[i]`` the
+    ``(part, row)`` patient ``i`` kept; ``drafted`` counts every draft, ``forced`` the patients
+    that kept their last draft after :data:`MAX_ROUNDS` rounds without one passing."""
+
+    parts: list[Any]
+    choice: np.ndarray
+    drafted: int
+    forced: int
+
+
+def draft_and_keep(
+    n: int,
+    draft: Callable[[np.ndarray], Any],
+    keep_probability: Callable[[Any], np.ndarray],
+    uniform: Callable[[int], np.ndarray],
+    acceptance: float,
+) -> Kept:
+    """Draft patients for ``n`` slots until each keeps one.
+
+    ``draft(slots)`` generates one patient per entry of ``slots`` (a slot may repeat: each
+    pending slot gets several drafts per round, about ``1 / acceptance``, so most slots finish in
+    one round); a slot keeps its first draft that passes ``uniform(k) < keep_probability``.
+    """
+    copies = max(1, math.ceil(1.0 / acceptance))
+    choice = np.full((n, 2), -1, dtype=np.int64)
+    pending = np.arange(n)
+    parts: list[Any] = []
+    drafted = forced = 0
+    for round_ in range(MAX_ROUNDS):
+        slots = np.repeat(pending, copies)
+        batch = draft(slots)
+        drafted += len(slots)
+        passed = uniform(len(slots)) < keep_probability(batch)
+        if round_ == MAX_ROUNDS - 1:
+            # The last draft of a slot that still has none passing is kept.
+            last = np.r_[slots[1:] != slots[:-1], True]
+            forced = int(len(pending) - len(np.unique(slots[passed])))
+            passed |= last & ~np.isin(slots, slots[passed])
+        # A slot's first passing draft: the first row of its run among the passing rows.
+        rows = np.flatnonzero(passed)
+        first = rows[np.r_[True, slots[rows[1:]] != slots[rows[:-1]]]] if len(rows) else rows
+        choice[slots[first], 0] = len(parts)
+        choice[slots[first], 1] = first
+        parts.append(batch)
+        pending = pending[choice[pending, 0] < 0]
+        if not len(pending):
+            break
+    return Kept(parts, choice, drafted, forced)
