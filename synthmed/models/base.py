@@ -213,6 +213,12 @@ class Synthesizer(abc.ABC):
                     names.append(p.name)
             if klass is Synthesizer:
                 break
+        # A subclass whose constructor does not take a shared setting (one written before the
+        # setting existed) keeps that setting at its default, and does not report it.
+        own = inspect.signature(cls.__init__).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            accepted = {p.name for p in own}
+            names = [name for name in names if name in accepted]
         return list(dict.fromkeys(names))
 
     def get_params(self) -> dict[str, Any]:
