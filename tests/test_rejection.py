@@ -205,6 +205,15 @@ def test_sample_to_streams_refined_patients(refined, tmp_path):
     assert first.metadata["rejection_sampling"]["kept"] == 40
 
 
+def test_the_report_says_how_many_drafts_were_kept(refined, cohort, tmp_path):
+    from synthmed import evaluate
+
+    sampled = refined.sample(60, seed=2)
+    counts = sampled.metadata["rejection_sampling"]
+    page = evaluate(cohort, sampled, gru=False).to_html(tmp_path / "r.html").read_text()
+    assert f"rejection sampling: kept 60 of {counts['drafted']:,} drafts" in page
+
+
 def test_the_cgan_takes_the_same_setting(cohort):
     model = CGANSynthesizer(
         epochs=2,

@@ -325,6 +325,11 @@ def _provenance(cohort: Cohort | None) -> str:
         return ""
     keys = ("generator", "source", "seed", "epsilon", "delta")
     parts = [f"{k}: {cohort.metadata[k]}" for k in keys if cohort.metadata.get(k) is not None]
+    rejection = cohort.metadata.get("rejection_sampling")
+    if rejection:
+        parts.append(
+            f"rejection sampling: kept {rejection['kept']:,} of {rejection['drafted']:,} drafts"
+        )
     return f"Synthetic cohort: {cohort.n_patients} patients" + (
         f" ({', '.join(parts)})" if parts else ""
     )

@@ -101,22 +101,23 @@ class BoostedTrees:
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         """The logit of the positive class for each row of ``x`` (``[n, n_features]``)."""
         x = np.asarray(x, dtype=np.float64)
+        n_trees, width = self.value.shape
+        # Nodes numbered across trees, a leaf its own child: every row takes ``depth`` steps.
+        number = np.arange(n_trees * width).reshape(n_trees, width)
+        offset = number[:, :1]
+        left = np.where(self.leaf, number, self.left + offset).ravel()
+        right = np.where(self.leaf, number, self.right + offset).ravel()
+        feature, threshold = self.feature.ravel(), self.threshold.ravel()
+        missing_left, value = self.missing_left.ravel(), self.value.ravel()
         out = np.empty(len(x))
-        trees = np.arange(len(self.value))[None, :]
         for start in range(0, len(x), _PREDICT_ROWS):
             block = x[start : start + _PREDICT_ROWS]
-            rows = np.arange(len(block))[:, None]
-            node = np.zeros((len(block), len(self.value)), np.int64)
+            node = np.broadcast_to(offset.T, (len(block), n_trees))
             for _ in range(self.depth):
-                seen = block[rows, self.feature[trees, node]]
-                go_left = np.where(
-                    np.isnan(seen),
-                    self.missing_left[trees, node],
-                    seen <= self.threshold[trees, node],
-                )
-                child = np.where(go_left, self.left[trees, node], self.right[trees, node])
-                node = np.where(self.leaf[trees, node], node, child)
-            out[start : start + len(block)] = self.baseline + self.value[trees, node].sum(axis=1)
+                seen = np.take_along_axis(block, feature[node], axis=1)
+                go_left = (seen <= threshold[node]) | (np.isnan(seen) & missing_left[node])
+                node = np.where(go_left, left[node], right[node])
+            out[start : start + len(block)] = self.baseline + value[node].sum(axis=1)
         return out
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
