@@ -33,6 +33,10 @@ ID_PREFIX = "syn-"
 FILTER_PREFIX = "rejection_filter."
 #: Patients drafted for at once under rejection sampling (each gets several drafts).
 KEEP_BLOCK = 8192
+#: Drafts per training patient that the rejection filter's classifier learns from: more
+#: than one lets it see the model's own distribution better (hourly PhysioNet, seeds 0 / 1:
+#: discriminative score 0.147 / 0.150 with 3, against 0.151 / 0.159 with 1).
+FILTER_DRAFTS = 3
 
 
 @dataclasses.dataclass
@@ -321,15 +325,16 @@ class Synthesizer(abc.ABC):
         """Train on ``cohort``; fill ``self.history_``. Torch's RNG is already seeded."""
 
     def _fit_rejection_filter(self, cohort: Cohort, generator: torch.Generator) -> None:
-        """Fit ``rejection_filter_`` on the training patients against as many of the model's
-        own drafts (up to the filter's cap), and calibrate it on as many more."""
+        """Fit ``rejection_filter_`` on the training patients (up to the filter's cap) against
+        ``FILTER_DRAFTS`` times as many of the model's own drafts, and calibrate it on as many
+        drafts again as there are training patients."""
         n = min(cohort.n_patients, FILTER_MAX_PATIENTS)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         draws = torch.Generator(device=self.device_).manual_seed(seed)
         with torch.no_grad():
             drafts, calibration = (
-                self._batch_cohort(self._generate(self._conditions_frame(n, None), draws))
-                for _ in range(2)
+                self._batch_cohort(self._generate(self._conditions_frame(k * n, None), draws))
+                for k in (FILTER_DRAFTS, 1)
             )
         self.rejection_filter_ = RejectionFilter.fit(
             cohort, drafts, calibration, self.rejection_sampling, seed % 2**32
