@@ -35,7 +35,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from synthmed.cohort import Cohort
 from synthmed.evaluation.features import patient_features, without_empty_columns
 
-#: Most patients per side the classifier is trained on (the real cohort is subsampled above it).
+#: Most training patients the classifier reads (the real cohort is subsampled above it).
 FILTER_MAX_PATIENTS = 10_000
 #: Rounds of drafting before a patient keeps its last draft whatever the filter says.
 MAX_ROUNDS = 20
@@ -137,8 +137,8 @@ class BoostedTrees:
 class RejectionFilter:
     """The fitted filter: which features it reads, its trees and the bound on the log odds.
 
-    A draft is kept with probability ``min(1, exp(logit - bound))``, ``logit`` being the
-    classifier's logit.
+    A draft is kept with probability ``min(1, exp(logit + tilt - bound))``: the classifier's
+    logit, plus the :class:`Tilt` of the draft's counts.
     """
 
     def __init__(
