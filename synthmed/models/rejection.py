@@ -193,7 +193,7 @@ class RejectionFilter:
         """The probability of keeping each patient of ``drafts``."""
         features = patient_features(drafts)
         logits = self.trees.decision_function(features[self.columns]) + self.tilt(features)
-        return np.exp(np.minimum(logits - self.bound, 0.0))
+        return _keep_probability(logits, self.bound)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         config = {
@@ -252,7 +252,7 @@ class Tilt:
         for _ in range(self.iterations):
             tilted = logits + stats @ self.weights
             bound = _bound_for_acceptance(tilted, acceptance)
-            keep = np.exp(np.minimum(tilted - bound, 0.0))
+            keep = _keep_probability(tilted, bound)
             keep /= keep.sum()
             mean = keep @ stats
             centred = stats - mean
@@ -261,13 +261,18 @@ class Tilt:
         return _bound_for_acceptance(logits + stats @ self.weights, acceptance)
 
 
+def _keep_probability(logits: np.ndarray, bound: float) -> np.ndarray:
+    """``min(1, exp(logits - bound))``: the rejection sampler's keep probability."""
+    return np.exp(np.minimum(logits - bound, 0.0))
+
+
 def _bound_for_acceptance(logits: np.ndarray, acceptance: float) -> float:
     """The bound b with ``mean(min(1, exp(logits - b))) == acceptance`` (bisection; the mean
     falls as b grows)."""
     low, high = float(logits.min()), float(logits.max()) - math.log(acceptance)
     for _ in range(100):
         middle = 0.5 * (low + high)
-        if np.exp(np.minimum(logits - middle, 0.0)).mean() > acceptance:
+        if _keep_probability(logits, middle).mean() > acceptance:
             low = middle
         else:
             high = middle
