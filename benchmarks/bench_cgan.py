@@ -245,6 +245,8 @@ def run_grid(data: Path, grid: str, args: argparse.Namespace) -> dict:
     train = load_physionet2012(data / "set-a.tar.gz", variables=PANEL, resample=resample)
     holdout = load_physionet2012(data / "set-b.tar.gz", variables=PANEL, resample=resample)
     settings = {} if args.epochs is None else {"epochs": args.epochs}
+    if args.batch_size is not None:
+        settings["batch_size"] = args.batch_size
     if args.rejection_sampling is not None:
         settings["rejection_sampling"] = args.rejection_sampling
     if args.config:
@@ -256,6 +258,7 @@ def run_grid(data: Path, grid: str, args: argparse.Namespace) -> dict:
         "wall_s": time.perf_counter() - started,
         "cpu_s": time.process_time() - cpu_started,
         "epochs": model.epochs,
+        "batch_size": model.batch_size,
     }
     print(f"[{grid}] fitted in {fit['wall_s']:.0f} s wall, {fit['cpu_s']:.0f} s CPU", flush=True)
     if args.save:
@@ -285,6 +288,7 @@ def main() -> None:
     )
     parser.add_argument("--grid", action="append", help="raw or a resample width such as 1h")
     parser.add_argument("--epochs", type=int, default=None, help="default: the model's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--config", default=None, help="CGANConfig settings as JSON, e.g. '{\"steps_per_cell\": 5}'"
