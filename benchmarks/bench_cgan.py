@@ -257,7 +257,7 @@ def run_grid(data: Path, grid: str, args: argparse.Namespace) -> dict:
     fit = {
         "wall_s": time.perf_counter() - started,
         "cpu_s": time.process_time() - cpu_started,
-        "epochs": model.epochs,
+        "epochs": model.epochs_,
         "batch_size": model.batch_size,
     }
     print(f"[{grid}] fitted in {fit['wall_s']:.0f} s wall, {fit['cpu_s']:.0f} s CPU", flush=True)

@@ -257,6 +257,8 @@ def _datasheet(
         f"- Training seed: {model.seed_}; sampling seed: {synthetic.metadata.get('seed', '—')}.",
         f"- Settings: `{json.dumps(params, default=str, sort_keys=True)}`",
     ]
+    if model.epochs is None:
+        lines.append(f"- Epochs: {model.epochs_}, chosen by `fit` from the training cohort.")
     if model.n_train_patients_ != train.n_patients:
         lines.append(
             f"- **Warning:** the model was trained on {model.n_train_patients_} patients but the "

@@ -118,6 +118,7 @@ def test_sample_before_fit_names_the_fix():
     ("setting", "value"),
     [
         ("epochs", 0),
+        ("epochs", None),  # only a model with epochs_from_data chooses them in fit
         ("batch_size", -1),
         ("device", "tpu"),
         ("epsilon", 0),
@@ -184,6 +185,7 @@ def test_provenance_travels_with_the_sample(fitted):
     assert metadata["generator"] == "ResampleSynthesizer"
     assert metadata["seed"] == 3
     assert metadata["n_train_patients"] == 30
+    assert metadata["epochs"] == fitted.epochs_ == 1
     assert "epsilon" not in metadata
 
 

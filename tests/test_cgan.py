@@ -294,6 +294,27 @@ def test_a_declared_grid_and_window_give_slots_under_dp(on_the_hour):
     assert generated.max() <= 30
 
 
+def test_unset_epochs_are_chosen_by_the_time_layout(cohort, on_the_hour, monkeypatch, tmp_path):
+    """epochs=None: the slot count on a time grid without DP, the event count otherwise (made
+    small here), recorded in epochs_, the saved file and every sample's metadata."""
+    monkeypatch.setattr(cgan_module, "_SLOT_EPOCHS", 3)
+    monkeypatch.setattr(cgan_module, "_EPOCHS", 2)
+    assert CGANSynthesizer().epochs is None
+    slots = tiny(epochs=None).fit(on_the_hour)
+    assert slots.layout_.slots and slots.epochs_ == 3 and len(slots.history_) == 3
+    events = tiny(epochs=None).fit(cohort)
+    assert not events.layout_.slots and events.epochs_ == 2 and len(events.history_) == 2
+    config = dataclasses.replace(TINY, max_time=30.0, time_grid=1.0)
+    private = tiny(epochs=None, epsilon=5.0, config=config).fit(on_the_hour)
+    assert private.layout_.slots and private.epochs_ == 2
+    critics = privacy_details(private)["phases"][3]  # after the summary and the moments
+    assert critics["budget_fraction"] == pytest.approx(0.4) and critics["epochs"] == 2
+    assert tiny(epochs=1).fit(on_the_hour).epochs_ == 1
+    loaded = load_synthesizer(slots.save(tmp_path / "slots.synthmed"))
+    assert loaded.epochs is None and loaded.epochs_ == 3
+    assert loaded.sample(2, seed=0).metadata["epochs"] == 3
+
+
 def test_times_off_a_declared_grid_are_refused_naming_the_patient(cohort):
     config = dataclasses.replace(TINY, time_grid=1.0)
     with pytest.raises(DataError, match=r"patient .* at time .* off the time grid of 1"):
@@ -635,7 +656,7 @@ def test_bad_config_fails_at_construction(change, match):
 def test_bad_arguments_are_refused(fitted, cohort):
     with pytest.raises(ValueError, match="config"):
         CGANSynthesizer(config={"lstm_hidden": 8})
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(ValueError, match=r"epochs must be a positive integer or None"):
         CGANSynthesizer(epochs=0)
     with pytest.raises(NotFittedError):
         tiny().sample(3)

@@ -12,6 +12,8 @@ import synthmed
 from synthmed import Cohort, Schema
 from synthmed.datasets import simulate_cohort
 from synthmed.evaluation import Report
+from synthmed.models import cgan as cgan_module
+from synthmed.models.cgan import CGANConfig, CGANSynthesizer
 from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
 from synthmed.sharing import BUNDLE_FILES
 
@@ -128,3 +130,16 @@ def test_conditions_reach_the_sample(fitted, tmp_path, monkeypatch):
     )
     synthetic = Cohort.read_parquet(out / "synthetic.parquet")
     assert np.all(synthetic.static["In-hospital_death"] == 1)
+
+
+def test_datasheet_names_the_epochs_that_fit_chose(tmp_path, monkeypatch):
+    monkeypatch.setattr("synthmed.evaluation.evaluate", fake_report)
+    monkeypatch.setattr(cgan_module, "_EPOCHS", 1)
+    monkeypatch.setattr(cgan_module, "_SLOT_EPOCHS", 1)
+    train, holdout = simulate_cohort(40, seed=4).split(test_size=0.3, seed=0)
+    config = CGANConfig(lstm_hidden=8, static_hidden=8, critic_hidden=8, step_embedding=2)
+    model = CGANSynthesizer(config=config, device="cpu", verbose=False).fit(train)
+    out = synthmed.share(model, 10, train, holdout, tmp_path / "bundle", seed=0, gru=False)
+    datasheet = (out / "README.md").read_text()
+    assert '"epochs": null' in datasheet
+    assert "- Epochs: 1, chosen by `fit` from the training cohort." in datasheet

@@ -112,7 +112,9 @@ class Synthesizer(abc.ABC):
     ``_set_state``; everything a user calls lives here, so every generator behaves the same.
 
     Args:
-        epochs: Passes over the training patients.
+        epochs: Passes over the training patients. A model whose ``epochs_from_data`` is true
+            also takes None and chooses them from the training cohort. Either way ``fit`` records
+            them in ``epochs_``.
         batch_size: Patients per optimisation step.
         seed: Seed for training and, unless ``sample`` gets its own, for sampling. Same data,
             seed and settings give identical output on CPU. None draws a fresh seed (recorded).
@@ -133,6 +135,8 @@ class Synthesizer(abc.ABC):
     model_type: ClassVar[str]
     #: Whether ``_fit`` saves and restores checkpoints (``fit(checkpoint_dir=...)``).
     supports_checkpoints: ClassVar[bool] = False
+    #: Whether ``epochs=None`` is allowed: ``_fit`` then sets ``epochs_`` from the data.
+    epochs_from_data: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type[Synthesizer]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -147,7 +151,7 @@ class Synthesizer(abc.ABC):
     def __init__(
         self,
         *,
-        epochs: int,
+        epochs: int | None,
         batch_size: int,
         seed: int | None = 0,
         device: str = "auto",
@@ -169,10 +173,13 @@ class Synthesizer(abc.ABC):
         self._check_shared_settings()
 
     def _check_shared_settings(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name, may_be_none in (("epochs", self.epochs_from_data), ("batch_size", False)):
             value = getattr(self, name)
+            if value is None and may_be_none:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                alternative = " or None (chosen from the data by fit)" if may_be_none else ""
+                raise ValueError(f"{name} must be a positive integer{alternative}, got {value!r}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
@@ -296,6 +303,7 @@ class Synthesizer(abc.ABC):
             self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
         )
         self.n_train_patients_ = cohort.n_patients
+        self.epochs_ = self.epochs  # a model with epochs_from_data sets it in _fit
         self.id_prefix_ = _fresh_prefix(cohort.ids)
         self.history_ = pd.DataFrame()
         self.privacy_spent_: tuple[float, float] | None = None
@@ -588,6 +596,7 @@ class Synthesizer(abc.ABC):
             "generator": type(self).__name__,
             "model_type": self.model_type,
             "settings": _json_safe(self.get_params()),
+            "epochs": self.epochs_,
             "seed": seed,
             "n_train_patients": self.n_train_patients_,
             "synthmed_version": synthmed.__version__,
@@ -705,6 +714,7 @@ class Synthesizer(abc.ABC):
             "fitted": {
                 "seed_": self.seed_,
                 "n_train_patients_": self.n_train_patients_,
+                "epochs_": self.epochs_,
                 "id_prefix_": self.id_prefix_,
                 "fit_seconds_": self.fit_seconds_,
                 "privacy_spent_": list(self.privacy_spent_) if self.privacy_spent_ else None,
@@ -738,6 +748,8 @@ class Synthesizer(abc.ABC):
             model.device_ = resolve_device(model.device)
             model.seed_ = fitted["seed_"]
             model.n_train_patients_ = fitted["n_train_patients_"]
+            # Files written before epochs could be chosen by fit always name them.
+            model.epochs_ = fitted.get("epochs_", model.epochs)
             model.id_prefix_ = fitted["id_prefix_"]
             model.fit_seconds_ = fitted["fit_seconds_"]
             spent = fitted["privacy_spent_"]

@@ -544,6 +544,11 @@ def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
     return np.repeat(mask, [h.width for h in heads], axis=-1).astype(np.float32)
 
 
+#: ``epochs`` when None: on a time grid's slots and without DP more epochs paid off (PhysioNet
+#: 2012 hourly: discriminative score 0.40 at 120, 0.35 at 240); event by event they gained
+#: little (0.47 to 0.46) and doubled a 10-minute fit (results.md, nineteenth session).
+_SLOT_EPOCHS = 240
+_EPOCHS = 120
 #: ``CGANConfig.max_steps`` and ``critic_hidden`` when None (see there).
 _MAX_STEPS = 512
 _CRITIC_HIDDEN = 256
@@ -596,12 +601,14 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
     """Conditional recurrent GAN: static generator, LSTM sequence generator, WGAN-GP critics.
 
     Args:
-        epochs: Passes of the critic over the training patients. The default fits PhysioNet
-            2012's set-a (4,000 stays, 8 variables, raw times) in about 10 minutes of one CPU
-            core. On a time grid more pay off: on set-a binned hourly, 240 epochs lowered the
-            discriminative score from 0.40 to 0.35-0.36 in 10-12 minutes of one core, while
-            on raw times they gained little (0.47 to 0.46) in 19 minutes of two
-            (``benchmarks/results.md``).
+        epochs: Passes of the critic over the training patients. None (default) lets ``fit``
+            choose, and record in ``epochs_``: 240 when the steps are a time grid's slots
+            (``CGANConfig.time_grid``) and training is not private, otherwise 120. On
+            PhysioNet 2012's set-a (4,000 stays, 8 variables) binned hourly, 240 epochs lowered
+            the discriminative score from 0.40 to 0.35-0.36 in 10-12 minutes of one CPU core;
+            on raw times 120 epochs take about 10 minutes, and 240 gained little (0.47 to
+            0.46) in 19 minutes of two (``benchmarks/results.md``). Under DP, where the
+            epochs set the noise, no private run has compared the two; it stays 120 there.
         batch_size: Patients per step (real and generated alike).
         seed, device, verbose, epsilon, delta, max_grad_norm, rejection_sampling: See
             :class:`~synthmed.models.base.Synthesizer`.
@@ -624,6 +631,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
 
     model_type: ClassVar[str] = "cgan"
     supports_checkpoints: ClassVar[bool] = True
+    epochs_from_data: ClassVar[bool] = True
     config_class: ClassVar[type] = CGANConfig
     # The gradient penalty and several critic passes per step trip DDP's hooks: average
     # gradients just before each optimizer step instead.
@@ -632,7 +640,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
     def __init__(
         self,
         *,
-        epochs: int = 120,
+        epochs: int | None = None,
         batch_size: int = 100,
         seed: int | None = 0,
         device: str = "auto",
@@ -805,6 +813,8 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
                 budget_fraction=_PRIVATE_SUMMARY_BUDGET,
             )
         layout = self._fit_layout(cohort, summary)
+        if self.epochs is None:
+            self.epochs_ = _SLOT_EPOCHS if layout.slots and self.epsilon is None else _EPOCHS
         self._build(layout)
         if summary is not None:
             rates = [summary.observation_rates[v] for v in layout.variables]
@@ -879,7 +889,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             critic,
             critic_optimizer,
             loader,
-            self.epochs,
+            self.epochs_,
             budget_fraction=critic_budget,
         )
 
@@ -906,7 +916,10 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             else None
         )
         bar = tqdm(
-            range(first_epoch, self.epochs + 1), desc="CGAN", unit="epoch", disable=not self.verbose
+            range(first_epoch, self.epochs_ + 1),
+            desc="CGAN",
+            unit="epoch",
+            disable=not self.verbose,
         )
         for epoch in bar:
             started = time.perf_counter()
