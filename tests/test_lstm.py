@@ -115,8 +115,9 @@ def test_lengths_and_masks_vary(synth: LSTMSynthesizer) -> None:
 
 def test_times_and_values_on_the_training_grid(synth: LSTMSynthesizer) -> None:
     out = synth.sample(40, seed=3)
-    minutes = out.events["time"].to_numpy() * 60
-    np.testing.assert_allclose(minutes, np.round(minutes), atol=1e-6)
+    times = out.events["time"].to_numpy()
+    # The very floats of the training times (k / 60), not neighbours a classifier tells apart.
+    np.testing.assert_array_equal(times, np.round(times * 60) / 60)
     hr = out.events["HR"].dropna().to_numpy()
     np.testing.assert_allclose(hr, np.round(hr))
 

@@ -28,6 +28,7 @@ import pandas as pd
 
 from synthmed.cohort import Cohort
 from synthmed.errors import DataError
+from synthmed.models.value_grid import grid_times
 from synthmed.schema import ColumnSchema, Schema
 
 logger = logging.getLogger(__name__)
@@ -659,14 +660,14 @@ class _Cells:
         return _Cells(patient, slot, variable, means), sizes - 1
 
     def wide(self, ids: pd.Index, panel: list[str], slot_hours: float) -> pd.DataFrame:
-        """One row per (patient, slot), a column per variable; time = slot * slot_hours."""
+        """One row per (patient, slot), a column per variable, at the slot's time."""
         n_slots = int(self.slot.max(initial=0)) + 1
         keys, row = np.unique(self.patient * n_slots + self.slot, return_inverse=True)
         data = np.full((len(keys), len(panel)), np.nan)
         data[row, self.variable] = self.value
         patient, slot = np.divmod(keys, n_slots)
         events = pd.DataFrame(data, columns=panel)
-        events.insert(0, TIME_COLUMN, slot * slot_hours)
+        events.insert(0, TIME_COLUMN, grid_times(slot, slot_hours))
         events.insert(0, ID_COLUMN, ids.to_numpy()[patient])
         return events
 

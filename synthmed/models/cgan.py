@@ -91,7 +91,13 @@ from synthmed.models.private_summary import (
     warn_unset_steps,
 )
 from synthmed.models.transforms import StaticEncoder, ValueScaler
-from synthmed.models.value_grid import detect_resolution, frequent_values, put_on_grid
+from synthmed.models.value_grid import (
+    detect_resolution,
+    exact_step,
+    frequent_values,
+    grid_times,
+    put_on_grid,
+)
 from synthmed.schema import ColumnSchema, Schema
 
 HISTORY_COLUMNS = (
@@ -384,12 +390,14 @@ class _Layout:
         times = steps[..., 1].astype(np.float64) * self.time_max
         alive = (steps[..., 2] > 0.5) & (steps[..., 1] <= 1.0 + 1e-6)
         if self.slots:
-            times = np.broadcast_to(np.arange(steps.shape[1]) * self.gap_scale, times.shape)
+            slots = grid_times(np.arange(steps.shape[1]), self.gap_scale)
+            times = np.broadcast_to(slots, times.shape)
         elif self.time_resolution:
             step = self.time_resolution
-            gaps = np.round(np.diff(times, axis=1) / step) * step
-            first = np.round(times[:, :1] / step) * step
-            times = np.cumsum(np.concatenate([first, gaps], axis=1), axis=1)
+            # Whole multiples of the grid summed exactly, then scaled: a sum of rounded gaps in
+            # floats drifts off the values the data hold (47.6 became 47.600000000002).
+            multiples = np.rint(np.diff(times, axis=1, prepend=0.0) / step)
+            times = grid_times(np.cumsum(multiples, axis=1), step)
             alive &= times <= self.time_max + 1e-9
         mask = (steps[..., STEP_PREFIX : STEP_PREFIX + v] > 0.5) & alive[..., None]
         raw = steps[..., STEP_PREFIX + v :]
@@ -428,13 +436,15 @@ class _Layout:
         # fixes each column's slice of the encoded vector.
         columns = data["encoder"]["columns"]
         ordered = {"columns": {name: columns[name] for name in schema.static_columns}}
+        # Files written before exact steps hold the grid as measured (0.0166666666666666).
+        resolution = data.get("time_resolution")
         return cls(
             StaticEncoder.from_dict(ordered, schema),
             ValueScaler.from_dict(data["scaler"], schema),
             int(data["n_steps"]),
             float(data["gap_scale"]),
             float(data["time_max"]),
-            data.get("time_resolution"),
+            exact_step(resolution) if resolution else resolution,
             _saved_grids(data.get("grids", {})),
             bool(data.get("slots", False)),
         )
@@ -481,7 +491,8 @@ def _time_resolution(times: np.ndarray) -> float | None:
         return None
     unit = float(np.diff(distinct).min())
     multiples = distinct / unit
-    return unit if np.allclose(multiples, np.round(multiples), rtol=0, atol=1e-6) else None
+    on_grid = np.allclose(multiples, np.round(multiples), rtol=0, atol=1e-6)
+    return exact_step(unit) if on_grid else None
 
 
 def _check_on_grid(cohort: Cohort, resolution: float, time_max: float) -> None:

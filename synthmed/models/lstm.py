@@ -45,7 +45,9 @@ from synthmed.models.transforms import StaticEncoder, ValueScaler
 from synthmed.models.value_grid import (
     ON_GRID,
     detect_resolution,
+    exact_step,
     frequent_values,
+    grid_times,
     put_on_grid,
     snap,
 )
@@ -921,7 +923,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         # The network works in float32; put times and values back on their grid in float64.
         quantum = facts["time_quantum"]
         if quantum > 0:
-            times = np.round(times / quantum) * quantum
+            times = grid_times(np.round(times / quantum), quantum)
         for name, position in zip(facts["numeric_variables"], numeric_pos, strict=True):
             step = facts["value_resolution"][name]
             support = facts["value_support"].get(name)
@@ -1041,11 +1043,7 @@ def _time_quantum(times: np.ndarray) -> float:
     ratio = flat / quantum
     if np.mean(np.abs(ratio - np.round(ratio)) < 1e-3) < ON_GRID:
         return 0.0
-    # Exact fractions of the time unit print and round better: 0.016666... -> 1/60.
-    inverse = 1.0 / quantum
-    if abs(inverse - round(inverse)) < 1e-6 * inverse:
-        quantum = 1.0 / round(inverse)
-    return quantum
+    return exact_step(quantum)
 
 
 def _feature_args(facts: dict[str, Any]) -> dict[str, float]:
