@@ -47,3 +47,5 @@ def test_grid_times_are_the_nearest_floats_to_whole_multiples() -> None:
     assert (minutes * (1 / 60) != minutes / 60).any()  # the product is not always the nearest
     np.testing.assert_array_equal(grid_times([0, 1, 3], 5.0), [0.0, 5.0, 15.0])
     np.testing.assert_array_equal(grid_times([0, 1, 3], 0.5), [0.0, 0.5, 1.5])
+    # 1 / (1 / 49) is 49.00000000000001 in floats; the step is still a 49th.
+    np.testing.assert_array_equal(grid_times(np.arange(99), 1 / 49), np.arange(99) / 49)

@@ -73,7 +73,7 @@ def grid_times(multiples: np.ndarray, step: float) -> np.ndarray:
     floats for the same minute (``k * (1/60)`` differs from ``k / 60`` for one minute in ten)."""
     multiples = np.asarray(multiples, dtype=np.float64)
     per_unit = 1.0 / step
-    if step < 1 and per_unit == round(per_unit):
+    if step < 1 and abs(per_unit - round(per_unit)) < 1e-9 * per_unit:
         return multiples / round(per_unit)
     return multiples * step
 
