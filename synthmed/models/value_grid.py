@@ -55,27 +55,31 @@ def detect_resolution(values: np.ndarray) -> float:
     return 0.0
 
 
+def _parts_per_unit(step: float) -> int | None:
+    """``n`` when ``step`` is ``1/n`` of the time unit up to float error (a minute of an hour
+    measured as 0.016666666666666607, or ``1/49``, whose inverse is 49.00000000000001), else
+    None."""
+    inverse = 1.0 / step
+    n = round(inverse)
+    return n if n >= 1 and abs(inverse - n) < 1e-6 * inverse else None
+
+
 def exact_step(step: float) -> float:
     """``step`` as the exact fraction of the unit it stands for, when it is one (0.0166...
-    measured between two times becomes 1/60): generated times ``k * step`` are then the very
-    floats a loader writes for ``k`` minutes, not neighbours of them that a classifier (or a
-    reader of the CSV) tells apart."""
-    inverse = 1.0 / step
-    if abs(inverse - round(inverse)) < 1e-6 * inverse:
-        return 1.0 / round(inverse)
-    return step
+    measured between two times becomes 1/60), so that :func:`grid_times` recognises it."""
+    n = _parts_per_unit(step)
+    return 1.0 / n if n else step
 
 
 def grid_times(multiples: np.ndarray, step: float) -> np.ndarray:
     """Times at whole ``multiples`` of a grid ``step``, as the float nearest each: ``k / n``
     when the step is ``1/n`` of the time unit (minutes of an hour: ``k / 60``), else
     ``k * step``. Loaders and generators that both write times this way write the same
-    floats for the same minute (``k * (1/60)`` differs from ``k / 60`` for one minute in ten)."""
+    floats for the same minute (``k * (1/60)`` differs from ``k / 60`` for one minute in ten),
+    not neighbours of them that a classifier (or a reader of the CSV) tells apart."""
     multiples = np.asarray(multiples, dtype=np.float64)
-    per_unit = 1.0 / step
-    if step < 1 and abs(per_unit - round(per_unit)) < 1e-9 * per_unit:
-        return multiples / round(per_unit)
-    return multiples * step
+    n = _parts_per_unit(step)
+    return multiples / n if n else multiples * step
 
 
 def frequent_values(
