@@ -593,9 +593,9 @@ def test_private_training_spends_at_most_the_budget_and_records_it(cohort, monke
     assert delta < 1 / cohort.n_patients
     assert model.sample(4).metadata["epsilon"] == epsilon
     # The value histograms, the static and patient moments, the critics, then the outcome
-    # labeller and the outcome's prevalence (see test_privacy).
+    # labeller, its recalibration and the outcome's prevalence (see test_privacy).
     shares = [p["budget_fraction"] for p in privacy_details(model)["phases"]]
-    assert shares == pytest.approx([0.1, 0.05, 0.05, 0.4, 0.35, 0.05])
+    assert shares == pytest.approx([0.1, 0.05, 0.05, 0.4, 0.3, 0.05, 0.05])
     # The histograms cover the steps the model learns from, and the scaler is fitted on them.
     (inside, max_length), summary = released
     assert max_length == 6

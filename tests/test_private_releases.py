@@ -15,7 +15,13 @@ from synthmed.datasets import simulate_cohort
 from synthmed.models.cgan import CGANConfig, CGANSynthesizer
 from synthmed.models.cgan_networks import STEP_PREFIX, summaries
 from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
-from synthmed.models.outcome_labeller import OutcomeFeatures, OutcomeLabeller, labelled_columns
+from synthmed.models.outcome_labeller import (
+    OutcomeFeatures,
+    OutcomeLabeller,
+    fit_labeller_privately,
+    labelled_columns,
+    recalibrate_privately,
+)
 from synthmed.models.privacy import privacy_details
 
 pytestmark = [
@@ -61,12 +67,104 @@ def test_features_are_scaled_by_the_declared_bounds_not_by_the_data(cohort):
     assert OUTCOME not in features.static_columns
 
 
+def test_curved_features_add_log_and_square_of_every_summary_but_the_flags(cohort):
+    arrays = cohort.arrays
+    values = np.where(arrays.mask, arrays.values, np.nan)
+    args = (cohort.static, values, arrays.times, arrays.lengths)
+    straight = OutcomeFeatures(cohort.schema, arrays.max_length, 48.0, curved=False)
+    curved = OutcomeFeatures(cohort.schema, arrays.max_length, 48.0)
+    x, xc = straight.transform(*args), curved.transform(*args)
+    assert x.shape[1] == straight.size and xc.shape[1] == curved.size
+    np.testing.assert_array_equal(xc[:, : x.shape[1]], x)
+    # The documented layout: steps and end time, then per variable its count and, if numeric,
+    # six summaries and a never-observed flag; per static column a value and a missing flag, or
+    # one flag per category.
+    schema = cohort.schema
+    flag = [False, False]
+    for name in cohort.variables:
+        flag += [False] + ([False] * 6 + [True] if schema[name].kind == "numeric" else [])
+    for name in straight.static_columns:
+        column = schema[name]
+        flag += [False, True] if column.kind == "numeric" else [True] * len(column.categories)
+    flag = np.array(flag)
+    assert len(flag) == x.shape[1] and np.isin(x[:, flag], (0.0, 1.0)).all()
+    continuous = x[:, ~flag]
+    width = continuous.shape[1]
+    logged = np.log1p(20 * np.maximum(continuous, 0)) / np.log1p(20)
+    np.testing.assert_allclose(xc[:, x.shape[1] : x.shape[1] + width], logged, rtol=1e-5)
+    np.testing.assert_allclose(xc[:, x.shape[1] + width :], continuous**2, rtol=1e-5)
+
+
 def test_calibration_sets_the_mean_probability_to_the_prevalence():
     labeller = OutcomeLabeller(3, 1)
     labeller.prevalence.fill_(0.2)
     x = torch.randn(500, 3, generator=torch.Generator().manual_seed(0))
     labeller.calibrate(x)
     assert float(labeller.probabilities(x).mean().detach()) == pytest.approx(0.2, abs=1e-4)
+
+
+def _opacus(epsilon: float):
+    """A ``make_private`` for the labeller's helpers alone, outside any synthesizer."""
+    from opacus import PrivacyEngine
+
+    def make_private(module, optimizer, loader, epochs):
+        return PrivacyEngine().make_private_with_epsilon(
+            module=module,
+            optimizer=optimizer,
+            data_loader=loader,
+            target_epsilon=epsilon,
+            target_delta=1e-5,
+            epochs=epochs,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
+        )
+
+    return make_private
+
+
+def _logistic_data(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, size=(n, 4)).astype(np.float32)
+    logit = 4.0 * x[:, 0] - 3.0 * x[:, 1] - 0.5
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    return torch.as_tensor(x), torch.as_tensor(y[:, None]), np.array([4.0, -3.0, 0.0, 0.0])
+
+
+def test_labeller_keeps_the_average_of_its_late_iterates():
+    x, y, _ = _logistic_data()
+    labeller = OutcomeLabeller(4, 1)
+    seen = []
+
+    def recording(module, optimizer, loader, epochs):
+        module, optimizer, loader = _opacus(50.0)(module, optimizer, loader, epochs)
+        step = optimizer.step
+
+        def step_and_record(*args, **kwargs):
+            result = step(*args, **kwargs)
+            seen.append(labeller.linear.weight.detach().clone())
+            return result
+
+        optimizer.step = step_and_record
+        return module, optimizer, loader
+
+    fit_labeller_privately(labeller, x, y, torch.Generator().manual_seed(0), recording, steps=40)
+    assert len(seen) == 40
+    kept = labeller.linear.weight.detach()
+    torch.testing.assert_close(kept, torch.stack(seen[20:]).mean(0))
+    assert not torch.equal(kept, seen[-1])
+
+
+@pytest.mark.parametrize("inflation", [1.0, 2.0])
+def test_recalibration_undoes_an_overconfident_logit(inflation):
+    x, y, truth = _logistic_data(seed=1)
+    labeller = OutcomeLabeller(4, 1)
+    with torch.no_grad():
+        labeller.linear.weight.copy_(torch.as_tensor(truth * inflation, dtype=torch.float32)[None])
+        labeller.linear.bias.fill_(-0.5 * inflation)
+    slopes = recalibrate_privately(labeller, x, y, torch.Generator().manual_seed(0), _opacus(5.0))
+    assert float(slopes[0]) == pytest.approx(1 / inflation, rel=0.15)
+    weights = labeller.linear.weight.detach().numpy()[0]
+    np.testing.assert_allclose(weights, truth * inflation * float(slopes[0]), atol=1e-5)
 
 
 def _private_lstm(epsilon: float | None, **settings) -> LSTMSynthesizer:
@@ -136,13 +234,29 @@ def test_labeller_is_saved_and_loaded(private_model, tmp_path):
     torch.testing.assert_close(loaded.labeller_.shift, private_model.labeller_.shift)
 
 
+def test_a_labeller_saved_before_curved_features_loads_on_straight_ones(private_model, tmp_path):
+    from synthmed.models.base import Synthesizer
+    from synthmed.models.persistence import read_model_file
+
+    model_type, config, tensors = read_model_file(private_model.save(tmp_path / "dp.synthmed"))
+    assert config["state"].pop("labeller_curved") is True
+    # An older file: the labeller's weights are those of the straight features only.
+    straight = OutcomeFeatures(private_model.schema_, 24, 48.0, curved=False).size
+    tensors["labeller.linear.weight"] = tensors["labeller.linear.weight"][:, :straight]
+    old = Synthesizer.registry()[model_type]._from_saved(config, tensors, device="cpu")
+    assert old.labeller_curved_ is False
+    assert old._outcome_features().size == straight == old.labeller_.linear.in_features
+    sampled = old.sample(100, seed=0)
+    assert set(sampled.static[OUTCOME].dropna().unique()) <= {0, 1}
+
+
 def test_labeller_phases_spend_within_the_budget(private_model):
     epsilon, _ = private_model.privacy_spent
     assert 7.5 < epsilon <= 8.0 * 1.01
     phases = privacy_details(private_model)["phases"]
-    # value histograms, static model, sequence model, labeller, prevalence count
-    assert [p["budget_fraction"] for p in phases] == pytest.approx([0.1, 0.2, 0.3, 0.35, 0.05])
-    assert phases[0]["sample_rate"] == phases[4]["sample_rate"] == 1.0
+    # value histograms, static model, sequence model, labeller, recalibration, prevalence
+    assert [p["budget_fraction"] for p in phases] == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.05, 0.05])
+    assert phases[0]["sample_rate"] == phases[5]["sample_rate"] == 1.0
 
 
 def test_no_labeller_without_dp_or_without_a_binary_outcome(cohort):

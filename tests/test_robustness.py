@@ -225,8 +225,9 @@ class _Interrupted(Exception):
 
 
 def test_interrupted_private_lstm_resumes_to_the_same_weights_and_epsilon(tmp_path, monkeypatch):
-    """Under DP the LSTM runs five private phases (summary, static model, sequences, outcome
-    labeller, prevalence): a resumed run must restore every phase's accounting and the weights."""
+    """Under DP the LSTM runs six private phases (summary, static model, sequences, outcome
+    labeller, its calibration slope, prevalence): a resumed run must restore every phase's
+    accounting and the weights."""
     cohort = simulate_cohort(60, seed=3)
     settings = {**SETTINGS, "epochs": 4, "epsilon": 8.0, "max_length": 48}
     save = LSTMSynthesizer._save_checkpoint
@@ -254,4 +255,4 @@ def test_interrupted_private_lstm_resumes_to_the_same_weights_and_epsilon(tmp_pa
     _assert_same_weights(resumed, uninterrupted)
     assert resumed.privacy_spent == uninterrupted.privacy_spent
     phases = [privacy_details(m)["phases"] for m in (resumed, uninterrupted)]
-    assert phases[0] == phases[1] and len(phases[0]) == 5
+    assert phases[0] == phases[1] and len(phases[0]) == 6

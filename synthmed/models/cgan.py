@@ -570,13 +570,14 @@ _SLOTS_PER_STEP = 4
 
 #: Shares of epsilon under DP: the value histograms (``private_summary``), the static and the
 #: patient moments (``_MomentTargets``), the critics, and, when the schema has a binary outcome,
-#: the outcome labeller and its prevalence count (see ``outcome_labeller``); without one the
-#: critics get the rest.
+#: the outcome labeller, its calibration slope and its prevalence count (see
+#: ``outcome_labeller``); without one the critics get the rest.
 _PRIVATE_SUMMARY_BUDGET = 0.1
 _PRIVATE_STATIC_BUDGET = 0.05
 _PRIVATE_PATIENT_BUDGET = 0.05
 _PRIVATE_CRITIC_BUDGET = 0.4
-_PRIVATE_LABELLER_BUDGET = 0.35
+_PRIVATE_LABELLER_BUDGET = 0.3
+_PRIVATE_RECALIBRATION_BUDGET = 0.05
 _PRIVATE_PREVALENCE_BUDGET = 0.05
 #: Weight of the distance between generated moments and the private ones (``_MomentTargets``).
 _MOMENT_WEIGHT = 10.0
@@ -1006,6 +1007,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
                 np.arange(n_patients),
                 generator,
                 labeller_budget=_PRIVATE_LABELLER_BUDGET,
+                recalibration_budget=_PRIVATE_RECALIBRATION_BUDGET,
                 prevalence_budget=_PRIVATE_PREVALENCE_BUDGET,
             )
         record_spent(self)  # (epsilon, delta) into privacy_spent_; detaches Opacus (no-op w/o DP)

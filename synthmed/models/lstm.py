@@ -63,7 +63,8 @@ _PRIVATE_LEARNING_RATE = 1e-3
 _PRIVATE_SUMMARY_BUDGET = 0.1
 _PRIVATE_STATIC_BUDGET = 0.2
 _PRIVATE_SEQUENCE_BUDGET = 0.3
-_PRIVATE_LABELLER_BUDGET = 0.35
+_PRIVATE_LABELLER_BUDGET = 0.3
+_PRIVATE_RECALIBRATION_BUDGET = 0.05
 _PRIVATE_PREVALENCE_BUDGET = 0.05
 #: Where the per-patient dequantisation widths of the static numbers sit in _Prepared.tensors.
 _STATIC_DEQUANTIZE = 10
@@ -237,13 +238,14 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
     average of the weights over about the last 3.5 epochs (not under DP). Sampling runs whole
     batches of patients in parallel, carrying the LSTM state forward.
 
-    With ``epsilon`` the fit is five private releases composed into one budget: a noisy summary
+    With ``epsilon`` the fit is six private releases composed into one budget: a noisy summary
     (value histograms for the value scaler, mean length and observation rates where the stop
     and mask heads start; 10 %), the static model (20 %), the sequence model (a
     :class:`~synthmed.models.private_lstm.PrivateLSTM`; 30 %), and, when the schema has a binary
-    outcome, an outcome labeller that draws it given the generated patient (35 %) with the
-    outcome's prevalence (5 %); see :mod:`synthmed.models.outcome_labeller`. Without a binary
-    outcome the sequence model gets 70 %.
+    outcome, an outcome labeller that draws it given the generated patient (30 %), its
+    calibration slope on the real patients (5 %) and the outcome's prevalence (5 %); see
+    :mod:`synthmed.models.outcome_labeller`. Without a binary outcome the sequence model gets
+    70 %.
 
     Generated times and values land where recorded ones lie (see ``quantize``), inside the
     schema's bounds; no sequence is longer than ``max_length_``.
@@ -610,6 +612,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
                 train_rows.numpy(),
                 generator,
                 labeller_budget=_PRIVATE_LABELLER_BUDGET,
+                recalibration_budget=_PRIVATE_RECALIBRATION_BUDGET,
                 prevalence_budget=_PRIVATE_PREVALENCE_BUDGET,
             )
         if private:

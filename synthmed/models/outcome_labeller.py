@@ -4,7 +4,7 @@ Under DP-SGD the LSTM's sequences carry next to no dependence on the outcome it 
 on: an outcome's effect on a stay is a small share of each clipped per-patient gradient of a
 network of ~10^5 parameters, and the noise drowns it (PhysioNet 2012 at epsilon 10: GCS at the
 last hour, died minus survived, +0.03 standard deviations against -0.99 in the data; TSTR AUROC
-0.39-0.64). A logistic model of the outcome given a fixed summary of the stay has ~100
+0.39-0.64). A logistic model of the outcome given a fixed summary of the stay has a few hundred
 parameters and learns the same dependence at a fraction of the budget (AUROC 0.80 on set B at
 epsilon 2). So, under DP, each binary outcome column is drawn from such a model given the
 generated patient: ``p(static, sequence) p(outcome | static, sequence)`` by the chain rule, with
@@ -14,7 +14,11 @@ Every feature is scaled by the schema's declared bounds, never by a statistic of
 nothing but the model's private training touches real values. Per-patient clipping biases the
 intercept (positive patients have the larger gradients), so the model also keeps a private
 estimate of each outcome's prevalence (a Gaussian-mechanism count from the same budget) and,
-after training, shifts its intercepts so that the generated cohort has that prevalence.
+after training, shifts its intercepts so that the generated cohort has that prevalence. DP noise
+spreads the logit wider than the data warrant; a private logistic recalibration on the real
+patients (:func:`recalibrate_privately`) scales it back, so that the drawn outcomes depend on a
+synthetic patient's features as strongly as real outcomes do on a real patient's, and odds
+ratios estimated from the synthetic cohort are not inflated.
 """
 
 from __future__ import annotations
@@ -55,12 +59,27 @@ class OutcomeFeatures:
     variable its observations per step slot; the number of steps (/ ``max_length``) and the time of
     the last step (/ ``max_time``); the non-outcome static columns, numeric ones scaled by their
     bounds with a missing flag, categorical ones one-hot. Unobserved summaries are 0.
+
+    With ``curved`` (the default), every one of those that is not a 0/1 flag also enters twice
+    more, after the linear block: log-scaled, ``log(1 + 20 x) / log(21)``, and squared. A logistic
+    model on straight fractions of a declared range can neither see a lab whose values crowd the
+    bottom of its range (lactate: 0-40 mmol/L, 3 % of it on average) nor risk that rises at
+    both ends of a range (blood pressure); a fixed basis lets it bend without reading the data.
+    On PhysioNet 2012 (results.md, twenty-first session) a non-private logistic model's AUROC on
+    set B rose from 0.837 to 0.848; the private labeller's (epsilon 10, averaged and
+    recalibrated) from 0.820-0.826 to about 0.835.
     """
 
-    def __init__(self, schema: Schema, max_length: int, max_time: float) -> None:
+    #: Scale of the log-scaled copies: ``log(1 + 20 x)`` spreads the bottom twentieth of a range.
+    LOG_SCALE = 20.0
+
+    def __init__(
+        self, schema: Schema, max_length: int, max_time: float, *, curved: bool = True
+    ) -> None:
         self.schema = schema
         self.max_length = int(max_length)
         self.max_time = float(max_time)
+        self.curved = bool(curved)
         self.variables = list(schema.temporal_columns)
         self.static_columns = [c for c in schema.static_columns if schema[c].role != "outcome"]
 
@@ -73,11 +92,15 @@ class OutcomeFeatures:
     @property
     def size(self) -> int:
         numeric = sum(self.schema[v].kind == "numeric" for v in self.variables)
-        width = 2 + 8 * numeric + (len(self.variables) - numeric)
-        for name in self.static_columns:
-            column = self.schema[name]
-            width += 2 if column.kind == "numeric" else len(column.categories)
-        return width
+        static_numeric = sum(self.schema[c].kind == "numeric" for c in self.static_columns)
+        categories = sum(
+            len(self.schema[c].categories)
+            for c in self.static_columns
+            if self.schema[c].kind != "numeric"
+        )
+        flags = numeric + static_numeric + categories
+        continuous = 2 + len(self.variables) + 6 * numeric + static_numeric
+        return flags + continuous * (3 if self.curved else 1)
 
     def transform(
         self, static: pd.DataFrame, values: np.ndarray, times: np.ndarray, lengths: np.ndarray
@@ -102,6 +125,7 @@ class OutcomeFeatures:
             np.where(lengths > 0, times[np.arange(n), np.maximum(lengths - 1, 0)], 0.0)
             / self.max_time,
         ]
+        flags: set[int] = set()  # the positions of 0/1 columns, which the curves leave out
         for j, name in enumerate(self.variables):
             column = values[:, :, j]
             observed = ~np.isnan(column)
@@ -129,6 +153,7 @@ class OutcomeFeatures:
             for stat in _LEVEL_STATS:
                 columns.append(np.where(seen, summaries[stat], 0.0))
             columns.append(np.where(seen, spread, 0.0))
+            flags.add(len(columns))
             columns.append((~seen).astype(np.float64))
         for name in self.static_columns:
             column = self.schema[name]
@@ -137,12 +162,21 @@ class OutcomeFeatures:
                 raw = static[name].to_numpy(dtype=np.float64)
                 missing = np.isnan(raw)
                 columns.append(np.where(missing, 0.0, (raw - lower) / width))
+                flags.add(len(columns))
                 columns.append(missing.astype(np.float64))
             else:
                 codes = category_codes(static[name], column.categories)
                 for k in range(len(column.categories)):
+                    flags.add(len(columns))
                     columns.append((codes == k).astype(np.float64))
-        return np.clip(np.stack(columns, axis=1), -1.0, 2.0).astype(np.float32)
+        features = np.clip(np.stack(columns, axis=1), -1.0, 2.0)
+        if self.curved:
+            continuous = features[:, [k for k in range(len(columns)) if k not in flags]]
+            logged = np.log1p(self.LOG_SCALE * np.maximum(continuous, 0.0))
+            features = np.concatenate(
+                [features, logged / math.log1p(self.LOG_SCALE), continuous**2], axis=1
+            )
+        return features.astype(np.float32)
 
 
 class OutcomeLabeller(nn.Module):
@@ -183,7 +217,7 @@ class OutcomeLabeller(nn.Module):
 
 
 def fit_labeller_privately(
-    labeller: OutcomeLabeller,
+    labeller: nn.Module,
     features: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator,
@@ -196,8 +230,11 @@ def fit_labeller_privately(
     """Train ``labeller`` by DP-SGD (Poisson batches of a quarter of the patients, Adam) on the
     real patients' ``features`` and ``labels`` (``[N, n_outcomes]``, NaN where unknown).
 
-    Large batches and few steps: with a hundred parameters and bounded features the signal of one
-    step is strong, and fewer steps need less noise each.
+    Large batches and few steps: with a few hundred parameters and bounded features the signal
+    of one step is strong, and fewer steps need less noise each. The weights kept are the average
+    of the iterates over the second half of the steps (post-processing): under Adam the noise
+    moves every weight the data say little about, and the last iterate's logit spread more than
+    the data's (calibration slope 0.74 on real patients, against 0.86 averaged).
     """
     device = features.device
     known = ~torch.isnan(labels)
@@ -213,6 +250,9 @@ def fit_labeller_privately(
     module, optimizer, loader = make_private(labeller, optimizer, loader, epochs)
     module.train()
     loss_function = nn.BCEWithLogitsLoss(reduction="none")
+    parameters = list(labeller.parameters())
+    totals = [torch.zeros_like(p) for p in parameters]
+    step, averaged, start = 0, 0, epochs * len(loader) // 2
     for _ in range(epochs):
         for (rows,) in loader:
             if len(rows) == 0:
@@ -223,6 +263,65 @@ def fit_labeller_privately(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            step += 1
+            if step > start:
+                for total, parameter in zip(totals, parameters, strict=True):
+                    total += parameter.detach()
+                averaged += 1
+    if averaged:
+        with torch.no_grad():
+            for total, parameter in zip(totals, parameters, strict=True):
+                parameter.copy_(total / averaged)
+
+
+class _Recalibration(nn.Module):
+    """Per outcome, a slope and an intercept on the labeller's logit (divided by ``scale``)."""
+
+    def __init__(self, n_outcomes: int, scale: float) -> None:
+        super().__init__()
+        self.slopes = nn.ModuleList(nn.Linear(1, 1) for _ in range(n_outcomes))
+        with torch.no_grad():
+            for layer in self.slopes:  # start calibrated: slope 1
+                layer.weight.fill_(scale)
+                layer.bias.zero_()
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(logits[:, [k]]) for k, layer in enumerate(self.slopes)], dim=1)
+
+
+#: The labeller's logits are divided by this before the recalibration sees them, so that one
+#: patient's gradient rarely exceeds the clipping bound (logits reach about +-8) and clipping
+#: does not bias the slope.
+RECALIBRATION_SCALE = 8.0
+
+
+def recalibrate_privately(
+    labeller: OutcomeLabeller,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    make_private: MakePrivate,
+) -> torch.Tensor:
+    """Scale each outcome's logit by its calibration slope on the real patients, estimated by a
+    private logistic regression of the outcome on the logit (logistic recalibration, Cox 1958).
+
+    DP noise in a few hundred weights spreads the labeller's logit wider than the data do: the
+    outcomes it draws would then follow a synthetic patient's features more closely than a real
+    patient's outcome does, and every odds ratio estimated from the synthetic cohort would be
+    inflated (PhysioNet 2012, epsilon 10: slope 0.86 before, 0.98 after). Returns the slopes.
+    """
+    with torch.no_grad():
+        logits = labeller(features)
+    recalibration = _Recalibration(logits.shape[1], RECALIBRATION_SCALE).to(features.device)
+    fit_labeller_privately(
+        recalibration, logits / RECALIBRATION_SCALE, labels, generator, make_private
+    )
+    with torch.no_grad():
+        slopes = torch.cat([layer.weight[0] for layer in recalibration.slopes])
+        slopes = (slopes / RECALIBRATION_SCALE).clamp(min=0.0)
+        labeller.linear.weight.mul_(slopes[:, None])
+        labeller.linear.bias.mul_(slopes)
+    return slopes
 
 
 #: Generated patients the labeller's intercepts are calibrated on after a private fit.
@@ -248,10 +347,12 @@ class OutcomeLabelling:
 
     labeller_: OutcomeLabeller | None = None
     labelled_columns_: list[str]
+    #: Whether the labeller reads the curved features (False for files saved before they were).
+    labeller_curved_: bool = True
 
     def _outcome_features(self) -> OutcomeFeatures:
         max_length, max_time = self._labeller_horizon()
-        return OutcomeFeatures(self.schema_, max_length, max_time)
+        return OutcomeFeatures(self.schema_, max_length, max_time, curved=self.labeller_curved_)
 
     def _fit_outcome_labeller(
         self,
@@ -260,12 +361,15 @@ class OutcomeLabelling:
         generator: torch.Generator,
         *,
         labeller_budget: float,
+        recalibration_budget: float,
         prevalence_budget: float,
     ) -> OutcomeLabeller:
-        """Train the labeller on the patients ``rows`` of ``cohort`` and count each outcome's
-        prevalence, both privately on their shares of the budget (not installed yet)."""
+        """Train the labeller on the patients ``rows`` of ``cohort``, recalibrate its slopes and
+        count each outcome's prevalence, all privately on their shares of the budget (not
+        installed yet)."""
         from synthmed.models.privacy import private_sum
 
+        self.labeller_curved_ = True
         columns = labelled_columns(cohort.schema)
         features = self._outcome_features()
         arrays = cohort.arrays
@@ -285,12 +389,20 @@ class OutcomeLabelling:
         )
         labels = np.where(codes < 0, np.nan, (codes == 1).astype(np.float64))
         labeller = OutcomeLabeller(features.size, len(columns))
+        x, y = torch.as_tensor(x), torch.as_tensor(labels, dtype=torch.float32)
         fit_labeller_privately(
             labeller,
-            torch.as_tensor(x),
-            torch.as_tensor(labels, dtype=torch.float32),
+            x,
+            y,
             generator,
             functools.partial(self._make_private, budget_fraction=labeller_budget),
+        )
+        recalibrate_privately(
+            labeller,
+            x,
+            y,
+            generator,
+            functools.partial(self._make_private, budget_fraction=recalibration_budget),
         )
         # Positives and known labels of each outcome: one patient moves each sum by at most 1.
         counts = np.concatenate([np.nan_to_num(labels), ~np.isnan(labels)], axis=1)
@@ -387,6 +499,7 @@ class OutcomeLabelling:
         if self.labeller_ is None:
             return
         state["labelled_columns"] = self.labelled_columns_
+        state["labeller_curved"] = self.labeller_curved_
         for name, tensor in self.labeller_.state_dict().items():
             tensors[f"{TENSOR_PREFIX}{name}"] = tensor.detach().cpu()
 
@@ -397,6 +510,7 @@ class OutcomeLabelling:
         ``_labeller_horizon`` can be answered."""
         self.labeller_ = None
         if state.get("labelled_columns"):
+            self.labeller_curved_ = bool(state.get("labeller_curved", False))
             own = {
                 k.removeprefix(TENSOR_PREFIX): v
                 for k, v in tensors.items()
