@@ -308,7 +308,8 @@ def recalibrate_privately(
     DP noise in a few hundred weights spreads the labeller's logit wider than the data do: the
     outcomes it draws would then follow a synthetic patient's features more closely than a real
     patient's outcome does, and every odds ratio estimated from the synthetic cohort would be
-    inflated (PhysioNet 2012, epsilon 10: slope 0.86 before, 0.98 after). Returns the slopes.
+    inflated (PhysioNet 2012, epsilon 10: slope on set B 0.86 without it; 0.96-1.02 with it, over
+    ten private models). Returns the slopes.
     """
     with torch.no_grad():
         logits = labeller(features)
