@@ -297,10 +297,12 @@ def test_a_declared_grid_and_window_give_slots_under_dp(on_the_hour):
 
 
 def test_unset_epochs_are_chosen_by_the_time_layout(cohort, on_the_hour, monkeypatch, tmp_path):
-    """epochs=None: the slot count on a time grid without DP, the event count otherwise (made
-    small here), recorded in epochs_, the saved file and every sample's metadata."""
+    """epochs=None: the slot count on a time grid without DP, the event count otherwise, the
+    private count under DP (all made small here), recorded in epochs_, the saved file and every
+    sample's metadata."""
     monkeypatch.setattr(cgan_module, "_SLOT_EPOCHS", 3)
     monkeypatch.setattr(cgan_module, "_EPOCHS", 2)
+    monkeypatch.setattr(cgan_module, "_PRIVATE_EPOCHS", 1)
     assert CGANSynthesizer().epochs is None
     slots = tiny(epochs=None).fit(on_the_hour)
     assert slots.layout_.slots and slots.epochs_ == 3 and len(slots.history_) == 3
@@ -308,9 +310,9 @@ def test_unset_epochs_are_chosen_by_the_time_layout(cohort, on_the_hour, monkeyp
     assert not events.layout_.slots and events.epochs_ == 2 and len(events.history_) == 2
     config = dataclasses.replace(TINY, max_time=30.0, time_grid=1.0)
     private = tiny(epochs=None, epsilon=5.0, config=config).fit(on_the_hour)
-    assert private.layout_.slots and private.epochs_ == 2
+    assert private.layout_.slots and private.epochs_ == 1
     critics = privacy_details(private)["phases"][3]  # after the summary and the moments
-    assert critics["budget_fraction"] == pytest.approx(0.4) and critics["epochs"] == 2
+    assert critics["budget_fraction"] == pytest.approx(0.4) and critics["epochs"] == 1
     assert tiny(epochs=1).fit(on_the_hour).epochs_ == 1
     loaded = load_synthesizer(slots.save(tmp_path / "slots.synthmed"))
     assert loaded.epochs is None and loaded.epochs_ == 3

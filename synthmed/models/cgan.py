@@ -560,6 +560,10 @@ def _expand(mask: np.ndarray, heads: list[Head]) -> np.ndarray:
 #: little (0.47 to 0.46) and doubled a 10-minute fit (results.md, nineteenth session).
 _SLOT_EPOCHS = 240
 _EPOCHS = 120
+#: ``epochs`` when None under DP, where more epochs mean more noise per step: on PhysioNet 2012
+#: (4,000 patients, batch 64, epsilon 10) 15 epochs gave TSTR 0.727 / 0.756 (seeds 0 / 1) in
+#: 55 s, 120 epochs 0.725 / 0.672 in 385 s (results.md, twenty-first session).
+_PRIVATE_EPOCHS = 15
 #: ``CGANConfig.max_steps`` and ``critic_hidden`` when None (see there).
 _MAX_STEPS = 512
 _CRITIC_HIDDEN = 256
@@ -615,12 +619,13 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
     Args:
         epochs: Passes of the critic over the training patients. None (default) lets ``fit``
             choose, and record in ``epochs_``: 240 when the steps are a time grid's slots
-            (``CGANConfig.time_grid``) and training is not private, otherwise 120. On
-            PhysioNet 2012's set-a (4,000 stays, 8 variables) binned hourly, 240 epochs lowered
-            the discriminative score from 0.40 to 0.35-0.36 in 10-12 minutes of one CPU core;
-            on raw times 120 epochs take about 10 minutes, and 240 gained little (0.47 to
-            0.46) in 19 minutes of two (``benchmarks/results.md``). Under DP, where the
-            epochs set the noise, no private run has compared the two; it stays 120 there.
+            (``CGANConfig.time_grid``), 120 otherwise, and 15 under DP. On PhysioNet 2012's
+            set-a (4,000 stays, 8 variables) binned hourly, 240 epochs lowered the
+            discriminative score from 0.40 to 0.35-0.36 in 10-12 minutes of one CPU core; on
+            raw times 120 epochs take about 10 minutes, and 240 gained little (0.47 to 0.46) in
+            19 minutes of two. Under DP the epochs set the noise: at epsilon 10, 120 epochs
+            gave no better outcome utility than 15 (TSTR 0.725 / 0.672 against 0.727 / 0.756
+            for two seeds) and took seven times as long (``benchmarks/results.md``).
         batch_size: Patients per step (real and generated alike).
         seed, device, verbose, epsilon, delta, max_grad_norm, rejection_sampling: See
             :class:`~synthmed.models.base.Synthesizer`.
@@ -826,7 +831,10 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             )
         layout = self._fit_layout(cohort, summary)
         if self.epochs is None:
-            self.epochs_ = _SLOT_EPOCHS if layout.slots and self.epsilon is None else _EPOCHS
+            if self.epsilon is not None:
+                self.epochs_ = _PRIVATE_EPOCHS
+            else:
+                self.epochs_ = _SLOT_EPOCHS if layout.slots else _EPOCHS
         self._build(layout)
         if summary is not None:
             rates = [summary.observation_rates[v] for v in layout.variables]
