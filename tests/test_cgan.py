@@ -579,13 +579,9 @@ def test_critic_and_loader_go_through_the_privacy_seam(cohort, monkeypatch):
 def test_private_training_spends_at_most_the_budget_and_records_it(cohort, monkeypatch):
     released = []
 
-    def spy(synth, data, inside, max_length, generator, *, budget_fraction):
+    def spy(synth, data, inside, max_length, generator, **options):
         released.append((inside, max_length))
-        released.append(
-            release_summary(
-                synth, data, inside, max_length, generator, budget_fraction=budget_fraction
-            )
-        )
+        released.append(release_summary(synth, data, inside, max_length, generator, **options))
         return released[-1]
 
     monkeypatch.setattr(cgan_module, "release_summary", spy)
@@ -721,10 +717,9 @@ def test_observations_follow_the_time_since_the_last_one():
     assert bool((steps[..., STEP_PREFIX] == 1).all())
 
 
-def test_a_variable_not_charted_for_a_patient_is_never_observed():
-    torch.manual_seed(0)
-    n_variables, static_width = 4, 2
-    network = SequenceGenerator(
+def _small_sequence_generator(static_width: int, n_variables: int) -> SequenceGenerator:
+    """Raw times (no slots), three steps per LSTM step, twelve steps."""
+    return SequenceGenerator(
         static_width=static_width,
         n_variables=n_variables,
         value_heads=[Head("numeric", j) for j in range(n_variables)],
@@ -735,6 +730,12 @@ def test_a_variable_not_charted_for_a_patient_is_never_observed():
         layers=1,
         max_log_gap=3.0,
     )
+
+
+def test_a_variable_not_charted_for_a_patient_is_never_observed():
+    torch.manual_seed(0)
+    n_variables, static_width = 4, 2
+    network = _small_sequence_generator(static_width, n_variables)
     charted_logits = slice(3 * n_variables + 2 + n_variables, None)
     with torch.no_grad():
         network.out.bias.view(3, -1)[:, 2 : 2 + n_variables] = 8.0  # observe whatever is charted
@@ -752,6 +753,26 @@ def test_a_variable_not_charted_for_a_patient_is_never_observed():
     assert torch.equal(ever[:, 0], ever[:, 3])
     # A charted variable is observed at (almost) every step of the stay.
     assert (mask[ever[:, 0], :, 0].sum(1) / alive[ever[:, 0]].sum(1)).mean() > 0.95
+
+
+def test_private_start_charts_each_variable_for_its_released_share_of_patients():
+    torch.manual_seed(0)
+    n_variables, static_width = 3, 2
+    network = _small_sequence_generator(static_width, n_variables)
+    rates, shares = torch.tensor([0.9, 0.35, 0.05]), torch.tensor([0.98, 0.7, 0.5])
+    network.start_at_rates(rates, shares)
+    with torch.no_grad():
+        _, carry = network.start(
+            torch.zeros(8000, static_width), torch.Generator().manual_seed(0), 0.5
+        )
+    charted = carry.patient.charted
+    np.testing.assert_allclose(charted.mean(0).numpy(), shares.numpy(), atol=0.03)
+    # Nested: a patient charted for a rarer variable is charted for the commoner ones.
+    assert float((charted[:, 2] > charted[:, 1]).float().mean()) < 0.01
+    assert float((charted[:, 1] > charted[:, 0]).float().mean()) < 0.01
+    # Charted patients are observed at the rate that gives the released rate over everyone.
+    logits = network.out.bias.view(3, -1)[:, 2 : 2 + n_variables]
+    np.testing.assert_allclose(torch.sigmoid(logits[0]).detach(), rates / shares, atol=1e-5)
 
 
 def test_a_long_tailed_static_column_is_generated_in_log_space_and_reloads(cohort, tmp_path):

@@ -325,6 +325,54 @@ def test_private_cgan_draws_outcomes_from_its_labeller_too(cohort, tmp_path):
     pd.testing.assert_frame_equal(sampled.events, again.events)
 
 
+def test_private_cgan_releases_the_share_of_patients_who_have_each_variable(cohort, monkeypatch):
+    from synthmed.models import cgan as cgan_module
+    from synthmed.models.private_summary import release_summary
+
+    # Half of the patients have no arterial line: no MAP, SysABP or DiasABP at all.
+    no_line = cohort.ids[::2]
+    events = cohort.events.copy()
+    events.loc[events["patient_id"].isin(no_line), ["MAP", "SysABP", "DiasABP"]] = np.nan
+    lined = type(cohort)(cohort.static, events, cohort.schema, cohort.metadata)
+    released = []
+
+    def spy(*args, **options):
+        released.append((args[2], release_summary(*args, **options)))
+        return released[-1][1]
+
+    monkeypatch.setattr(cgan_module, "release_summary", spy)
+    _private_cgan(1e4).fit(lined)
+    ((inside, summary),) = released
+    arrays = lined.arrays
+    truth = (arrays.mask & inside[..., None]).any(axis=1).mean(axis=0).clip(0.01, 0.99)
+    assert summary.charted_shares["MAP"] == pytest.approx(0.5, abs=0.02)
+    shares = [summary.charted_shares[v] for v in arrays.variables]
+    np.testing.assert_allclose(shares, truth, atol=0.02)
+
+
+def test_private_cgan_patient_moments_tie_each_level_to_the_others(cohort):
+    model = _private_cgan(1e4).fit(cohort)
+    layout, sequence = model.layout_, model.generator_.sequence
+    static = torch.as_tensor(layout.encoder.transform(cohort.static))
+    steps = layout.encode_steps(cohort)
+    patient = torch.cat([static, summaries(steps, sequence.value_variable)], 1)
+    rows = model._patient_moments(patient, steps)
+    # Every released row is within the bound the mechanism is calibrated on.
+    assert float(rows.norm(dim=1).max()) <= model._patient_bound()
+    released = rows.mean(0)
+    # HR's mean and last value handed to other patients: every moment of one column is kept,
+    # the products of HR's level with the other levels are not.
+    v, w, at = sequence.n_variables, sequence.value_width, layout.encoder.width_
+    shuffled = patient.clone()
+    order = torch.randperm(len(patient), generator=torch.Generator().manual_seed(0))
+    for column in (at + 2 * v, at + 2 * v + 5 * w):
+        shuffled[:, column] = patient[order, column]
+    moved = (model._patient_moments(shuffled, steps).mean(0) - released).abs()
+    n_products = w * (w - 1) // 2
+    assert float(moved[:-n_products].max()) < 1e-6
+    assert float(moved[-n_products:].max()) > 0.05
+
+
 def test_private_cgan_static_moments_are_bounded_and_recover_the_data(cohort):
     model = _private_cgan(1e4).fit(cohort)
     encoded = torch.as_tensor(model.layout_.encoder.transform(cohort.static))

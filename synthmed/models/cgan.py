@@ -828,6 +828,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
                 max_steps,
                 generator,
                 budget_fraction=_PRIVATE_SUMMARY_BUDGET,
+                charted=True,
             )
         layout = self._fit_layout(cohort, summary)
         if self.epochs is None:
@@ -837,8 +838,10 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
                 self.epochs_ = _SLOT_EPOCHS if layout.slots else _EPOCHS
         self._build(layout)
         if summary is not None:
-            rates = [summary.observation_rates[v] for v in layout.variables]
-            self.generator_.sequence.start_at_rates(torch.tensor(rates))
+            self.generator_.sequence.start_at_rates(
+                torch.tensor([summary.observation_rates[v] for v in layout.variables]),
+                torch.tensor([summary.charted_shares[v] for v in layout.variables]),
+            )
         self.labeller_ = None
         labelled = labelled_columns(cohort.schema) if self.epsilon is not None else []
         real_static = torch.as_tensor(layout.encoder.transform(cohort.static)).to(device)
@@ -1047,10 +1050,15 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         """Per patient (critic inputs ``[static, summaries]`` and ``steps``): the mean and last
         observed scaled value of each value column (0 if never observed) clipped to +-2; the
         stay's steps, end time, mean log-gap, mean squared log-gap and largest log-gap as shares
-        of their maxima; and the squares of all these.
+        of their maxima; the squares of all these; and the products of every two columns' means
+        over 2.
 
         The squared and largest gaps are there because the mean alone was matched by stays of
         four steps, one gap of 38 hours among gaps of zero (real stays: 44 steps an hour apart).
+        The products tie the levels together (a sick patient's lactate, creatinine and GCS are
+        all off): at epsilon 10 on PhysioNet 2012 the Spearman correlations between generated
+        patients' mean levels were 0.41 off the real ones on average without them and 0.13
+        with them, and TSTR rose from 0.744 to 0.764 (twenty seeds; results.md).
         """
         layout = self.layout_
         parts = self._summary_parts(patient_inputs)
@@ -1068,7 +1076,10 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             dim=1,
         ).clamp(0.0, 1.0)
         stats = torch.cat([values, stay], dim=1)
-        return torch.cat([stats, stats**2], dim=1)
+        w = self.generator_.sequence.value_width
+        first, second = torch.triu_indices(w, w, offset=1)
+        products = values[:, first] * values[:, second] / 2
+        return torch.cat([stats, stats**2, products], dim=1)
 
     def _summary_parts(self, patient_inputs: torch.Tensor) -> SummaryParts:
         """The named summary columns of critic inputs ``[static, summaries]``."""
@@ -1085,8 +1096,9 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
 
     def _patient_bound(self) -> float:
         """A bound on a row of :meth:`_patient_moments`: ``sqrt(2**2 + 4**2)`` per value
-        statistic, ``sqrt(2)`` per stay statistic."""
-        return math.sqrt(2 * self.generator_.sequence.value_width * 20 + 5 * 2)
+        statistic, ``sqrt(2)`` per stay statistic, 2 per product of two means."""
+        w = self.generator_.sequence.value_width
+        return math.sqrt(2 * w * 20 + 5 * 2 + 2 * w * (w - 1))
 
     def _private_mean(
         self, rows: torch.Tensor, bound: float, budget_fraction: float, generator: torch.Generator

@@ -375,15 +375,29 @@ class SequenceGenerator(nn.Module):
         with torch.no_grad():
             self.out.bias.view(steps_per_cell, self.step_outputs)[:, 1] = 2.0 if slots else -7.0
 
-    def start_at_rates(self, observation_rates: torch.Tensor) -> None:
+    def start_at_rates(self, observation_rates: torch.Tensor, charted_shares: torch.Tensor) -> None:
         """Start each variable's observation logits at ``observation_rates`` (per step, ``[V]``
-        in (0, 1); under DP released by ``private_summary``): a private critic's noisy
-        gradients alone left MAP charted at 4 % of steps against 40 % in PhysioNet 2012."""
+        in (0, 1)) and its charting flag at ``charted_shares`` (the share of patients who have
+        it at all); under DP both are released by ``private_summary``. A private critic's noisy
+        gradients alone left MAP charted at 4 % of steps against 40 % in PhysioNet 2012.
+
+        The flags start as thresholds of one shared patient-noise coordinate, so they nest: a
+        patient charted for a rarer variable is charted for the commoner ones. Started with
+        every flag on, the private critic never turned them off: at epsilon 10, 96-99 % of
+        generated patients had an arterial line (MAP, SysABP, DiasABP) against 70 % of
+        PhysioNet 2012's, and 77-93 % RespRate against 28 %. Started here, the shares are off
+        by 0.05 on average instead of 0.16 (ten training seeds; TSTR unchanged, results.md).
+        """
         with torch.no_grad():
-            logits = torch.logit(observation_rates.to(self.out.bias))
-            self.out.bias.view(self.steps_per_cell, self.step_outputs)[
-                :, 2 : 2 + self.n_variables
-            ] = logits
+            bias = self.out.bias.view(self.steps_per_cell, self.step_outputs)
+            shares = charted_shares.to(bias).clamp(0.02, 0.995)
+            rates = (observation_rates.to(bias) / shares).clamp(0.01, 0.99)
+            bias[:, 2 : 2 + self.n_variables] = torch.logit(rates)
+            at = 3 * self.value_width + 2 + self.n_variables
+            flags = slice(at, at + self.n_variables)
+            shared_noise = self.scale.in_features - self.noise_dim  # the first noise input
+            self.scale.weight[flags, shared_noise] = 1.0
+            self.scale.bias[flags] = torch.special.ndtri(shares)
 
     def start_at_stay(self, window: float, log_gap: float) -> None:
         """Start every patient's observation window at ``window`` (a share of the horizon) and

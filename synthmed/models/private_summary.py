@@ -48,11 +48,13 @@ def warn_unset_steps(setting: str) -> None:
 @dataclasses.dataclass
 class PrivateSummary:
     """Released by :func:`release_summary`: per numeric variable ``(edges, noisy weights)``, the
-    mean stay length in steps and each variable's observations per step."""
+    mean stay length in steps, each variable's observations per step and, when asked for, the
+    share of patients with at least one observation of each variable (``charted_shares``)."""
 
     histograms: dict[str, tuple[np.ndarray, np.ndarray]]
     mean_length: float
     observation_rates: dict[str, float]
+    charted_shares: dict[str, float] | None = None
 
     def value_scaler(self, schema: Schema) -> ValueScaler:
         """A value scaler fitted on the histograms (declared bounds where noise drowned one)."""
@@ -67,12 +69,13 @@ def release_summary(
     generator: torch.Generator,
     *,
     budget_fraction: float,
+    charted: bool = False,
 ) -> PrivateSummary:
     """One Gaussian mechanism (``privacy.private_sum``) on ``budget_fraction`` of ``synth``'s
     budget over the steps ``inside`` (``[n_patients, steps]``, those the model will learn from):
     per numeric variable a histogram of its values (each patient's share of observations per
-    bin of the declared range, see ``histogram_edges``), the mean stay length and each
-    variable's observations per step.
+    bin of the declared range, see ``histogram_edges``), the mean stay length, each variable's
+    observations per step and, with ``charted``, the share of patients who have it at all.
 
     Bins below three noise deviations are dropped: kept, the noise in the many empty bins would
     add a uniform floor of false mass and inflate the scale.
@@ -87,16 +90,19 @@ def release_summary(
     positions = [variables.index(v) for v in numeric]
     edges = [histogram_edges(schema[v], SCALER_BINS) for v in numeric]
     shares = patient_histograms(arrays.values[:, :, positions], mask[:, :, positions], edges)
-    rows = np.concatenate(
-        [
-            shares.reshape(len(shares), -1),
-            (lengths / max_length)[:, None],
-            mask.sum(axis=1) / np.maximum(lengths, 1)[:, None],
-        ],
-        axis=1,
-    )
+    parts = [
+        shares.reshape(len(shares), -1),
+        (lengths / max_length)[:, None],
+        mask.sum(axis=1) / np.maximum(lengths, 1)[:, None],
+    ]
+    # The charted flags together have a norm of at most 1, so that they cost the histograms
+    # little noise (as much as one more histogram) for a noise on each share sqrt(V) times theirs.
+    flag_weight = 1 / math.sqrt(len(variables))
+    if charted:
+        parts.append(mask.any(axis=1) * flag_weight)
+    rows = np.concatenate(parts, axis=1)
     # Each histogram has an L2 norm of at most 1, the other entries are in [0, 1].
-    scale = math.sqrt(len(numeric) + 1 + len(variables))
+    scale = math.sqrt(len(numeric) + 1 + len(variables) + charted)
     sums, noise = private_sum(synth, rows / scale, generator, budget_fraction=budget_fraction)
     sums, noise = sums * scale, noise * scale
     n = len(rows)
@@ -104,8 +110,14 @@ def release_summary(
     counts = sums[: len(numeric) * n_bins].reshape(len(numeric), n_bins)
     counts = np.where(counts > 3 * noise, counts, 0.0)
     tail = sums[len(numeric) * n_bins :]
+
+    def released_shares(at: int, weight: float = 1.0) -> dict[str, float]:
+        released = np.clip(tail[at : at + len(variables)] / (n * weight), 0.01, 0.99)
+        return dict(zip(variables, released.tolist(), strict=True))
+
     return PrivateSummary(
         histograms=dict(zip(numeric, zip(edges, counts, strict=True), strict=True)),
         mean_length=float(np.clip(tail[0] / n, 1 / max_length, 1.0) * max_length),
-        observation_rates=dict(zip(variables, np.clip(tail[1:] / n, 0.01, 0.99), strict=True)),
+        observation_rates=released_shares(1),
+        charted_shares=released_shares(1 + len(variables), flag_weight) if charted else None,
     )
