@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from synthmed import load_synthesizer
 from synthmed.datasets import simulate_cohort
 from synthmed.models.cgan import CGANConfig, CGANSynthesizer
-from synthmed.models.cgan_networks import STEP_PREFIX, summaries
+from synthmed.models.cgan_networks import STEP_PREFIX, summaries, summary_parts
 from synthmed.models.lstm import LSTMConfig, LSTMSynthesizer
 from synthmed.models.outcome_labeller import (
     OutcomeFeatures,
@@ -362,11 +362,12 @@ def test_private_cgan_patient_moments_tie_each_level_to_the_others(cohort):
     released = rows.mean(0)
     # HR's mean and last value handed to other patients: every moment of one column is kept,
     # the products of HR's level with the other levels are not.
-    v, w, at = sequence.n_variables, sequence.value_width, layout.encoder.width_
+    w = sequence.value_width
     shuffled = patient.clone()
+    parts = summary_parts(shuffled[:, layout.encoder.width_ :], sequence.n_variables, w)  # views
     order = torch.randperm(len(patient), generator=torch.Generator().manual_seed(0))
-    for column in (at + 2 * v, at + 2 * v + 5 * w):
-        shuffled[:, column] = patient[order, column]
+    for level in (parts.mean, parts.last):
+        level[:, 0] = level[order, 0]
     moved = (model._patient_moments(shuffled, steps).mean(0) - released).abs()
     n_products = w * (w - 1) // 2
     assert float(moved[:-n_products].max()) < 1e-6

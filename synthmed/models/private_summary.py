@@ -101,7 +101,8 @@ def release_summary(
     if charted:
         parts.append(mask.any(axis=1) * flag_weight)
     rows = np.concatenate(parts, axis=1)
-    # Each histogram has an L2 norm of at most 1, the other entries are in [0, 1].
+    # Each histogram has an L2 norm of at most 1, the length and rates are in [0, 1], and the
+    # charted flags (when asked for) have a norm of at most 1 together.
     scale = math.sqrt(len(numeric) + 1 + len(variables) + charted)
     sums, noise = private_sum(synth, rows / scale, generator, budget_fraction=budget_fraction)
     sums, noise = sums * scale, noise * scale
