@@ -249,6 +249,7 @@ def run_grid(data: Path, grid: str, args: argparse.Namespace) -> dict:
         settings["batch_size"] = args.batch_size
     if args.rejection_sampling is not None:
         settings["rejection_sampling"] = args.rejection_sampling
+        settings["rejection_stages"] = args.rejection_stages
     if args.config:
         settings["config"] = CGANConfig(**json.loads(args.config))
     model = CGANSynthesizer(seed=args.seed, verbose=args.verbose, **settings)
@@ -309,6 +310,12 @@ def main() -> None:
         type=float,
         default=None,
         help="share of drafts to keep by discriminator rejection sampling (default: off)",
+    )
+    parser.add_argument(
+        "--rejection-stages",
+        type=int,
+        default=1,
+        help="rejection filters applied in turn (with --rejection-sampling)",
     )
     args = parser.parse_args()
     if args.threads:

@@ -154,6 +154,12 @@ def main() -> None:
         default=None,
         help="share of drafts to keep by discriminator rejection sampling (default: off)",
     )
+    parser.add_argument(
+        "--rejection-stages",
+        type=int,
+        default=1,
+        help="rejection filters applied in turn (with --rejection-sampling)",
+    )
     args = parser.parse_args()
 
     from synthmed.datasets import load_physionet2012
@@ -181,6 +187,7 @@ def main() -> None:
             settings["config"] = json.loads(args.config)
         if args.rejection_sampling is not None:
             settings["rejection_sampling"] = args.rejection_sampling
+            settings["rejection_stages"] = args.rejection_stages
         synth = LSTMSynthesizer(**settings)
         fit_wall, fit_cpu = time.perf_counter(), time.process_time()
         synth.fit(train)

@@ -362,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the training patients (discriminator rejection sampling; slower sampling, not with "
         "--epsilon)",
     )
+    settings.add_argument(
+        "--rejection-stages",
+        type=_positive_int,
+        metavar="K",
+        help="with --rejection-sampling: filters applied in turn, each fitted on what the ones "
+        "before it keep (about SHARE**K of the drafts are kept)",
+    )
     settings.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
     settings.add_argument(
         "--max-time",
@@ -806,6 +813,7 @@ def _fit_settings(args: argparse.Namespace) -> dict[str, Any]:
         "delta",
         "max_grad_norm",
         "rejection_sampling",
+        "rejection_stages",
         "device",
     )
     settings = {key: getattr(args, key) for key in names if getattr(args, key) is not None}

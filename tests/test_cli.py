@@ -179,6 +179,7 @@ def write_physionet_set(root: Path, n: int = 14) -> Path:
 def test_fit_with_rejection_sampling_writes_a_model_that_filters(work, tmp_path):
     result = ok(synthmed("fit", work / "cohort.csv", "--model", "lstm", "--epochs", "1",
                          "--out", tmp_path / "r.synthmed", "--rejection-sampling", "0.5",
+                         "--rejection-stages", "2",
                          "--id", "patient_id", "--time", "time", "--static", "Age,Gender",
                          "ICUType", "--outcomes", "In-hospital_death"))  # fmt: skip
     assert "model:" in result.stdout
@@ -186,6 +187,7 @@ def test_fit_with_rejection_sampling_writes_a_model_that_filters(work, tmp_path)
 
     model = load_synthesizer(tmp_path / "r.synthmed")
     assert model.rejection_sampling == 0.5 and model.rejection_filter_ is not None
+    assert model.rejection_stages == 2 and len(model.rejection_filter_.stages) == 2
     assert model.sample(10, seed=0).metadata["rejection_sampling"]["kept"] == 10
     refused = synthmed("fit", work / "cohort.csv", "--model", "lstm", "--epsilon", "3",
                        "--out", tmp_path / "p.synthmed", "--rejection-sampling", "0.5",

@@ -15,10 +15,11 @@ from synthmed.models import base as base_module
 from synthmed.models.base import FILTER_PREFIX
 from synthmed.models.cgan import CGANSynthesizer
 from synthmed.models.lstm import LSTMSynthesizer
-from synthmed.models.persistence import load_synthesizer, read_model_file
+from synthmed.models.persistence import load_synthesizer, read_model_file, save_model_file
 from synthmed.models.rejection import (
     MAX_ROUNDS,
     BoostedTrees,
+    RejectionFilter,
     Tilt,
     _bound_for_acceptance,
     draft_and_keep,
@@ -171,7 +172,7 @@ def test_refined_sampling_is_reproducible_and_honours_conditions(refined):
 
 
 def test_patients_drafted_in_blocks_keep_their_own_rows_conditions(refined, monkeypatch):
-    monkeypatch.setattr(base_module, "KEEP_BLOCK", 16)
+    monkeypatch.setattr(base_module, "DRAFTS_AT_ONCE", 48)  # blocks of 16 patients at 0.4
     ages = np.arange(20.0, 60.0)
     rows = pd.DataFrame({"Age": ages, "In-hospital_death": np.arange(40) % 2})
     sampled = refined.sample(conditions=rows, seed=8)
@@ -183,13 +184,50 @@ def test_patients_drafted_in_blocks_keep_their_own_rows_conditions(refined, monk
 def test_the_filter_is_saved_and_sampling_after_loading_is_identical(refined, tmp_path):
     path = refined.save(tmp_path / "refined.synthmed")
     _, config, tensors = read_model_file(path)
-    assert config["rejection_filter"]["acceptance"] == pytest.approx(0.4)
+    assert config["rejection_filter"]["stages"][0]["acceptance"] == pytest.approx(0.4)
     assert any(name.startswith(FILTER_PREFIX) for name in tensors)
     loaded = load_synthesizer(path)
     assert loaded.rejection_filter_ is not None
     pd.testing.assert_frame_equal(
         loaded.sample(50, seed=9).events, refined.sample(50, seed=9).events
     )
+
+
+def test_a_file_with_the_single_filter_of_earlier_versions_still_loads(refined, tmp_path):
+    # Before filter cascades a file held one filter's settings and unprefixed stage tensors.
+    model_type, config, tensors = read_model_file(refined.save(tmp_path / "new.synthmed"))
+    config["rejection_filter"] = config["rejection_filter"]["stages"][0]
+    tensors = {name.replace("stage0.", ""): value for name, value in tensors.items()}
+    del config["params"]["rejection_stages"]
+    old = load_synthesizer(save_model_file(tmp_path / "old.synthmed", model_type, config, tensors))
+    assert old.rejection_stages == 1 and len(old.rejection_filter_.stages) == 1
+    pd.testing.assert_frame_equal(old.sample(40, seed=2).events, refined.sample(40, seed=2).events)
+
+
+def test_each_stage_learns_from_the_drafts_the_stages_before_it_keep(cohort, monkeypatch):
+    drafts_seen = []
+    fit = RejectionFilter.fit.__func__
+
+    def recording_fit(cls, real, drafts, calibration, acceptance, seed):
+        drafts_seen.append(drafts)
+        return fit(cls, real, drafts, calibration, acceptance, seed)
+
+    monkeypatch.setattr(RejectionFilter, "fit", classmethod(recording_fit))
+    settings = dict(config=TINY_LSTM, epochs=3, batch_size=32, verbose=False, device="cpu", seed=0)
+    cascade = LSTMSynthesizer(**settings, rejection_sampling=0.4, rejection_stages=2).fit(cohort)
+    single = LSTMSynthesizer(**settings, rejection_sampling=0.4).fit(cohort)
+    stages = cascade.rejection_filter_.stages
+    assert len(stages) == 2 and len(drafts_seen) == 3
+    assert cascade.rejection_filter_.acceptance == pytest.approx(0.4**2)
+    # The first stage is the single filter of the same seed, so the second is what is added.
+    first = stages[0].keep_probability(drafts_seen[0])
+    np.testing.assert_array_equal(first, single.rejection_filter_.keep_probability(drafts_seen[0]))
+    # The second stage learnt from drafts that the first keeps more often than plain drafts.
+    assert stages[0].keep_probability(drafts_seen[1]).mean() > 1.2 * first.mean()
+    kept = cascade.sample(200, seed=5)
+    assert kept.metadata["rejection_sampling"]["drafted"] >= 200 / 0.4**2
+    keep = cascade.rejection_filter_.keep_probability
+    assert keep(kept).mean() > 1.2 * keep(single.sample(200, seed=5)).mean()
 
 
 def test_sample_to_streams_refined_patients(refined, tmp_path):
@@ -230,6 +268,12 @@ def test_the_cgan_takes_the_same_setting(cohort):
 def test_rejection_sampling_must_be_a_share(share):
     with pytest.raises(ValueError, match="rejection_sampling must be None or the share"):
         LSTMSynthesizer(rejection_sampling=share)
+
+
+@pytest.mark.parametrize("stages", [0, -1, 1.5, True, "2"])
+def test_rejection_stages_must_be_a_positive_integer(stages):
+    with pytest.raises(ValueError, match="rejection_stages must be a positive integer"):
+        LSTMSynthesizer(rejection_sampling=0.5, rejection_stages=stages)
 
 
 def test_rejection_sampling_is_refused_under_dp():

@@ -66,7 +66,7 @@ class GaussianCopulaBaseline(Synthesizer):
         verbose: Show SDV's messages while fitting.
         epsilon, delta, max_grad_norm: Differential privacy is not available; ``epsilon`` must
             be None.
-        rejection_sampling: See :class:`~synthmed.models.base.Synthesizer`.
+        rejection_sampling, rejection_stages: See :class:`~synthmed.models.base.Synthesizer`.
     """
 
     model_type = "gaussian-copula"
@@ -86,6 +86,7 @@ class GaussianCopulaBaseline(Synthesizer):
         delta: float | None = None,
         max_grad_norm: float = 1.0,
         rejection_sampling: float | None = None,
+        rejection_stages: int = 1,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -97,6 +98,7 @@ class GaussianCopulaBaseline(Synthesizer):
             delta=delta,
             max_grad_norm=max_grad_norm,
             rejection_sampling=rejection_sampling,
+            rejection_stages=rejection_stages,
         )
         check_no_dp(type(self).__name__, epsilon)
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:

@@ -44,7 +44,7 @@ class PARBaseline(Synthesizer):
         verbose: Show SDV's progress bars.
         epsilon, delta, max_grad_norm: Differential privacy is not available for SDV models;
             ``epsilon`` must be None.
-        rejection_sampling: See :class:`~synthmed.models.base.Synthesizer`.
+        rejection_sampling, rejection_stages: See :class:`~synthmed.models.base.Synthesizer`.
         segment_size: SDV's ``segment_size``: cut training sequences into segments of this many
             steps (None keeps whole sequences).
         sample_size: SDV's ``sample_size``: candidates drawn per sequence, the most likely kept.
@@ -77,6 +77,7 @@ class PARBaseline(Synthesizer):
         delta: float | None = None,
         max_grad_norm: float = 1.0,
         rejection_sampling: float | None = None,
+        rejection_stages: int = 1,
         segment_size: int | None = None,
         sample_size: int = 1,
     ) -> None:
@@ -90,6 +91,7 @@ class PARBaseline(Synthesizer):
             delta=delta,
             max_grad_norm=max_grad_norm,
             rejection_sampling=rejection_sampling,
+            rejection_stages=rejection_stages,
         )
         check_no_dp(type(self).__name__, epsilon)
         self.segment_size = segment_size

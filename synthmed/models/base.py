@@ -24,15 +24,21 @@ from synthmed.cohort import Cohort
 from synthmed.errors import DataError, ModelFileError, NotFittedError, SchemaError, SynthmedError
 from synthmed.models import distributed
 from synthmed.models.persistence import save_model_file
-from synthmed.models.rejection import FILTER_MAX_PATIENTS, RejectionFilter, draft_and_keep
+from synthmed.models.rejection import (
+    FILTER_MAX_PATIENTS,
+    FilterCascade,
+    RejectionFilter,
+    draft_and_keep,
+)
 from synthmed.schema import Schema
 
 DEVICES = ("auto", "cpu", "cuda")
 ID_PREFIX = "syn-"
 #: Names of the rejection filter's tensors in a model file start with this.
 FILTER_PREFIX = "rejection_filter."
-#: Patients drafted for at once under rejection sampling (each gets several drafts).
-KEEP_BLOCK = 8192
+#: Drafts generated at once under rejection sampling: a block of patients, each drafted about
+#: 1 / (the share kept) times, so that a cascade's lower share does not raise the memory held.
+DRAFTS_AT_ONCE = 3 * 8192
 #: Drafts per training patient that the rejection filter's classifier learns from: more
 #: than one lets it see the model's own distribution better (hourly PhysioNet, seeds 0 / 1:
 #: discriminative score 0.147 / 0.150 with 3, against 0.151 / 0.159 with 1).
@@ -130,6 +136,14 @@ class Synthesizer(abc.ABC):
             so that about this share of drafts is kept. Lower shares give patients closer to
             the real ones and slower sampling. Not available with ``epsilon``: the classifier
             reads the real patients outside the DP accounting.
+        rejection_stages: Filters applied in turn (:class:`~synthmed.models.rejection.
+            FilterCascade`), each fitted on the drafts the ones before it keep and keeping
+            ``rejection_sampling`` of them, so about ``rejection_sampling ** rejection_stages``
+            of all drafts are kept. Each stage catches part of what the ones before it missed
+            (the LSTM on PhysioNet's raw stays, discriminative score: 0.26 unfiltered, 0.20
+            with one stage of 0.35, 0.15 with two, 0.12 with three; one filter keeping as few
+            drafts does not do it), and each divides the sampling speed by about three. Only
+            read with ``rejection_sampling``.
     """
 
     model_type: ClassVar[str]
@@ -160,6 +174,7 @@ class Synthesizer(abc.ABC):
         delta: float | None = None,
         max_grad_norm: float = 1.0,
         rejection_sampling: float | None = None,
+        rejection_stages: int = 1,
     ) -> None:
         self.epochs = epochs
         self.batch_size = batch_size
@@ -170,6 +185,7 @@ class Synthesizer(abc.ABC):
         self.delta = delta
         self.max_grad_norm = max_grad_norm
         self.rejection_sampling = rejection_sampling
+        self.rejection_stages = rejection_stages
         self._check_shared_settings()
 
     def _check_shared_settings(self) -> None:
@@ -210,6 +226,9 @@ class Synthesizer(abc.ABC):
                     "rejection_sampling cannot be combined with epsilon: its classifier reads "
                     "the real training patients outside the DP accounting"
                 )
+        stages = self.rejection_stages
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"rejection_stages must be a positive integer, got {stages!r}")
 
     # -- settings --------------------------------------------------------------------------------
 
@@ -307,7 +326,7 @@ class Synthesizer(abc.ABC):
         self.id_prefix_ = _fresh_prefix(cohort.ids)
         self.history_ = pd.DataFrame()
         self.privacy_spent_: tuple[float, float] | None = None
-        self.rejection_filter_: RejectionFilter | None = None
+        self.rejection_filter_: FilterCascade | None = None
         self._sample_calls = 0
         started = time.perf_counter()
         # Set first (a model may sample its own patients at the end of _fit); a failed fit
@@ -333,20 +352,34 @@ class Synthesizer(abc.ABC):
         """Train on ``cohort``; fill ``self.history_``. Torch's RNG is already seeded."""
 
     def _fit_rejection_filter(self, cohort: Cohort, generator: torch.Generator) -> None:
-        """Fit ``rejection_filter_`` on the training patients (up to the filter's cap) against
-        ``FILTER_DRAFTS`` times as many of the model's own drafts, and calibrate it on as many
-        drafts again as there are training patients."""
+        """Fit ``rejection_filter_``, stage by stage: each stage learns the training patients
+        (up to the filter's cap) against ``FILTER_DRAFTS`` times as many drafts that the stages
+        before it keep, and is calibrated on as many such drafts again as there are training
+        patients."""
         n = min(cohort.n_patients, FILTER_MAX_PATIENTS)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         draws = torch.Generator(device=self.device_).manual_seed(seed)
-        with torch.no_grad():
-            drafts, calibration = (
-                self._batch_cohort(self._generate(self._conditions_frame(k * n, None), draws))
-                for k in (FILTER_DRAFTS, 1)
+        stages: list[RejectionFilter] = []
+        for stage in range(self.rejection_stages):
+            # Drafting below reads the stages fitted so far.
+            self.rejection_filter_ = FilterCascade(stages) if stages else None
+            with torch.no_grad():
+                drafts, calibration = (
+                    self._batch_cohort(self._draft(self._conditions_frame(k * n, None), draws))
+                    for k in (FILTER_DRAFTS, 1)
+                )
+            stages.append(
+                RejectionFilter.fit(
+                    cohort, drafts, calibration, self.rejection_sampling, (seed + stage) % 2**32
+                )
             )
-        self.rejection_filter_ = RejectionFilter.fit(
-            cohort, drafts, calibration, self.rejection_sampling, seed % 2**32
-        )
+        self.rejection_filter_ = FilterCascade(stages)
+
+    def _draft(self, frame: pd.DataFrame, generator: torch.Generator) -> GeneratedBatch:
+        """One patient per row of ``frame``, through the rejection filter if there is one."""
+        if self.rejection_filter_ is None:
+            return self._generate(frame, generator)
+        return self._generate_kept(frame, generator)[0]
 
     # -- checkpoints (used by the models' training loops) -----------------------------------------
 
@@ -557,8 +590,9 @@ class Synthesizer(abc.ABC):
 
         pieces = []
         counts = {"drafted": 0, "kept": len(frame), "forced": 0}
-        for start in range(0, len(frame), KEEP_BLOCK):
-            block = frame.iloc[start : start + KEEP_BLOCK].reset_index(drop=True)
+        block_size = max(1, DRAFTS_AT_ONCE // math.ceil(1.0 / filter_.acceptance))
+        for start in range(0, len(frame), block_size):
+            block = frame.iloc[start : start + block_size].reset_index(drop=True)
 
             def draft(slots: np.ndarray, block: pd.DataFrame = block) -> GeneratedBatch:
                 return self._generate(block.iloc[slots].reset_index(drop=True), generator)
@@ -766,7 +800,7 @@ class Synthesizer(abc.ABC):
             # Files written before rejection sampling existed have no filter.
             filter_config = config.get("rejection_filter")
             model.rejection_filter_ = (
-                RejectionFilter.from_state(filter_config, filter_tensors) if filter_config else None
+                FilterCascade.from_state(filter_config, filter_tensors) if filter_config else None
             )
             model._set_state(config["state"], tensors)
         except ModelFileError:

@@ -627,8 +627,8 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             gave no better outcome utility than 15 (TSTR 0.725 / 0.672 against 0.727 / 0.756
             for two seeds) and took seven times as long (``benchmarks/results.md``).
         batch_size: Patients per step (real and generated alike).
-        seed, device, verbose, epsilon, delta, max_grad_norm, rejection_sampling: See
-            :class:`~synthmed.models.base.Synthesizer`.
+        seed, device, verbose, epsilon, delta, max_grad_norm, rejection_sampling,
+            rejection_stages: See :class:`~synthmed.models.base.Synthesizer`.
         config: Architecture and objective settings (:class:`CGANConfig`); defaults if None.
 
     After ``fit``, ``history_`` holds one row per epoch: ``generator_loss``, ``critic_loss``,
@@ -666,6 +666,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         delta: float | None = None,
         max_grad_norm: float = 1.0,
         rejection_sampling: float | None = None,
+        rejection_stages: int = 1,
         config: CGANConfig | None = None,
     ) -> None:
         super().__init__(
@@ -678,6 +679,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             delta=delta,
             max_grad_norm=max_grad_norm,
             rejection_sampling=rejection_sampling,
+            rejection_stages=rejection_stages,
         )
         if config is not None and not isinstance(config, CGANConfig):
             raise ValueError(f"config must be a CGANConfig, got {type(config).__name__}")

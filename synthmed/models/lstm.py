@@ -291,8 +291,8 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             from real ones less often (``benchmarks/results.md``, fifteenth session). Off under
             DP, where the training stays' spread would be a release outside the budget.
         sample_batch_size: Patients generated in parallel by one batch when sampling.
-        seed, device, verbose, epsilon, delta, max_grad_norm, rejection_sampling: See
-            :class:`~synthmed.models.base.Synthesizer`.
+        seed, device, verbose, epsilon, delta, max_grad_norm, rejection_sampling,
+            rejection_stages: See :class:`~synthmed.models.base.Synthesizer`.
 
     Fitted attributes: ``max_length_``, ``max_time_``, ``n_truncated_`` (None when loaded from
     a private model), ``best_epoch_``, ``value_temperature_`` (numeric variable -> the factor on
@@ -331,6 +331,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         delta: float | None = None,
         max_grad_norm: float = 1.0,
         rejection_sampling: float | None = None,
+        rejection_stages: int = 1,
     ) -> None:
         super().__init__(
             epochs=epochs,
@@ -342,6 +343,7 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             delta=delta,
             max_grad_norm=max_grad_norm,
             rejection_sampling=rejection_sampling,
+            rejection_stages=rejection_stages,
         )
         self.config = config
         # A dict of fields becomes an LSTMConfig (validated), so settings round-trip through

@@ -16,6 +16,9 @@ variable's number of observations, fitted so that the kept drafts have the train
 mean counts (exponential tilting, as in entropy balancing), which holds every observation rate
 where the training data have it.
 
+Filters can be chained (:class:`FilterCascade`): each further stage is fitted on the drafts that
+the stages before it keep, and estimates what their classifiers missed.
+
 The classifier reads the real training patients, so the filter is not available under DP. It is
 stored as plain arrays (:class:`BoostedTrees`), never pickled.
 """
@@ -191,7 +194,10 @@ class RejectionFilter:
 
     def keep_probability(self, drafts: Cohort) -> np.ndarray:
         """The probability of keeping each patient of ``drafts``."""
-        features = patient_features(drafts)
+        return self.keep_from_features(patient_features(drafts))
+
+    def keep_from_features(self, features: pd.DataFrame) -> np.ndarray:
+        """:meth:`keep_probability` from the drafts' :func:`patient_features`."""
         logits = self.trees.decision_function(features[self.columns]) + self.tilt(features)
         return _keep_probability(logits, self.bound)
 
@@ -221,6 +227,56 @@ class RejectionFilter:
         if not len(tilt.center) == len(tilt.scale) == len(tilt.weights) == len(tilt.columns):
             raise ValueError("the tilt's arrays do not match its columns")
         return cls(config["columns"], trees, tilt, config["bound"], config["acceptance"])
+
+
+class FilterCascade:
+    """Rejection filters applied in turn, each fitted on the drafts that the ones before it kept.
+
+    One classifier's odds estimate the density ratio only as well as its trees and its early
+    stopping allow, so the drafts a single filter keeps are still told from real patients, by
+    what it missed; lowering its share does not help, since the estimate, not the bound, is what
+    falls short. A second filter, trained on the first one's kept drafts against the same real
+    patients, estimates what is left of the ratio, as boosting fits the residual of the stages
+    before it. A draft is kept with the product of the stages' probabilities, so about the
+    product of their shares of drafts is kept.
+    """
+
+    def __init__(self, stages: list[RejectionFilter]) -> None:
+        if not stages:
+            raise ValueError("a filter cascade needs at least one stage")
+        self.stages = list(stages)
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafts the whole cascade keeps."""
+        return math.prod(stage.acceptance for stage in self.stages)
+
+    def keep_probability(self, drafts: Cohort) -> np.ndarray:
+        """The probability of keeping each patient of ``drafts``: it passes every stage."""
+        features = patient_features(drafts)
+        return np.prod([stage.keep_from_features(features) for stage in self.stages], axis=0)
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        configs, tensors = [], {}
+        for k, stage in enumerate(self.stages):
+            config, stage_tensors = stage.to_state()
+            configs.append(config)
+            tensors.update({f"stage{k}.{name}": v for name, v in stage_tensors.items()})
+        return {"stages": configs}, tensors
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FilterCascade:
+        """Also reads the single filter that files written before cascades hold."""
+        if "stages" not in config:
+            return cls([RejectionFilter.from_state(config, tensors)])
+        stages = []
+        for k, stage_config in enumerate(config["stages"]):
+            prefix = f"stage{k}."
+            stage_tensors = {
+                name[len(prefix) :]: v for name, v in tensors.items() if name.startswith(prefix)
+            }
+            stages.append(RejectionFilter.from_state(stage_config, stage_tensors))
+        return cls(stages)
 
 
 class Tilt:
