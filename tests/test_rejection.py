@@ -109,6 +109,28 @@ def test_the_tilt_holds_the_counts_where_a_biased_classifier_would_move_them():
     assert np.exp(np.minimum(tilted - bound, 0.0)).mean() == pytest.approx(0.3, abs=1e-6)
 
 
+def test_no_leaf_of_the_filter_holds_fewer_rows_than_a_twentieth_of_the_real_patients(
+    monkeypatch,
+):
+    # Smaller leaves let the trees learn single training patients, and a cascade of filters
+    # then keeps drafts that resemble them.
+    exported = []
+    export = BoostedTrees.from_sklearn.__func__
+
+    def recording_export(cls, model):
+        exported.append(model)
+        return export(cls, model)
+
+    monkeypatch.setattr(BoostedTrees, "from_sklearn", classmethod(recording_export))
+    real, drafts = simulate_cohort(1200, seed=1), simulate_cohort(1200, seed=2)
+    RejectionFilter.fit(real, drafts, simulate_cohort(200, seed=3), 0.5, seed=0)
+    leaves = np.concatenate(
+        [p[0].nodes["count"][p[0].nodes["is_leaf"].astype(bool)] for p in exported[0]._predictors]
+    )
+    assert len(leaves) > len(exported[0]._predictors)  # the trees did split
+    assert leaves.min() >= 1200 // 20
+
+
 def test_a_slot_whose_drafts_never_pass_keeps_its_last_draft_and_is_counted():
     counter = iter(range(10**6))
 

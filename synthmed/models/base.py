@@ -142,7 +142,7 @@ class Synthesizer(abc.ABC):
             of all drafts are kept. Each stage catches part of what the ones before it missed
             (the LSTM on PhysioNet's raw stays, discriminative score: 0.26 unfiltered, 0.20
             with one stage of 0.35, 0.15 with two, 0.12 with three; one filter keeping as few
-            drafts does not do it), and each divides the sampling speed by about three. Only
+            drafts does not do it), and each divides the sampling speed by three or more. Only
             read with ``rejection_sampling``.
     """
 
