@@ -141,7 +141,7 @@ class Synthesizer(abc.ABC):
             ``rejection_sampling`` of them, so about ``rejection_sampling ** rejection_stages``
             of all drafts are kept. Each stage catches part of what the ones before it missed
             (the LSTM on PhysioNet's raw stays, discriminative score: 0.26 unfiltered, 0.20
-            with one stage of 0.35, 0.15 with two, 0.12 with three; one filter keeping as few
+            with one stage of 0.35, 0.17 with two, 0.13 with three; one filter keeping as few
             drafts does not do it), and each divides the sampling speed by three or more. Only
             read with ``rejection_sampling``.
     """
