@@ -29,6 +29,7 @@ from synthmed.models.rejection import (
     FilterCascade,
     RejectionFilter,
     draft_and_keep,
+    drafts_per_slot,
 )
 from synthmed.schema import Schema
 
@@ -361,11 +362,11 @@ class Synthesizer(abc.ABC):
         draws = torch.Generator(device=self.device_).manual_seed(seed)
         stages: list[RejectionFilter] = []
         for stage in range(self.rejection_stages):
-            # Drafting below reads the stages fitted so far.
-            self.rejection_filter_ = FilterCascade(stages) if stages else None
             with torch.no_grad():
                 drafts, calibration = (
-                    self._batch_cohort(self._draft(self._conditions_frame(k * n, None), draws))
+                    self._batch_cohort(
+                        self._draft(self._conditions_frame(k * n, None), draws, stages)
+                    )
                     for k in (FILTER_DRAFTS, 1)
                 )
             stages.append(
@@ -375,11 +376,13 @@ class Synthesizer(abc.ABC):
             )
         self.rejection_filter_ = FilterCascade(stages)
 
-    def _draft(self, frame: pd.DataFrame, generator: torch.Generator) -> GeneratedBatch:
-        """One patient per row of ``frame``, through the rejection filter if there is one."""
-        if self.rejection_filter_ is None:
+    def _draft(
+        self, frame: pd.DataFrame, generator: torch.Generator, stages: list[RejectionFilter]
+    ) -> GeneratedBatch:
+        """One patient per row of ``frame``, through the filter ``stages`` if there are any."""
+        if not stages:
             return self._generate(frame, generator)
-        return self._generate_kept(frame, generator)[0]
+        return self._generate_kept(frame, generator, FilterCascade(stages))[0]
 
     # -- checkpoints (used by the models' training loops) -----------------------------------------
 
@@ -550,7 +553,9 @@ class Synthesizer(abc.ABC):
             if self.rejection_filter_ is None:
                 batch = self._generate(frame, generator)
             else:
-                batch, metadata["rejection_sampling"] = self._generate_kept(frame, generator)
+                batch, metadata["rejection_sampling"] = self._generate_kept(
+                    frame, generator, self.rejection_filter_
+                )
         ids = pd.Index(
             [f"{self.id_prefix_}{i:08d}" for i in range(first_id, first_id + len(frame))],
             name=self.schema_.id_column,
@@ -572,13 +577,11 @@ class Synthesizer(abc.ABC):
         )
 
     def _generate_kept(
-        self, frame: pd.DataFrame, generator: torch.Generator
+        self, frame: pd.DataFrame, generator: torch.Generator, filter_: FilterCascade
     ) -> tuple[GeneratedBatch, dict[str, int]]:
-        """One patient per row of ``frame``, each the first of its drafts the filter keeps
+        """One patient per row of ``frame``, each the first of its drafts ``filter_`` keeps
         (drafts of a row share its conditions); with the counts of drafts for the metadata.
         Rows are drafted in blocks, and only the kept drafts of a block are held on to."""
-        filter_ = self.rejection_filter_
-        assert filter_ is not None
 
         def keep(batch: GeneratedBatch) -> np.ndarray:
             return filter_.keep_probability(self._batch_cohort(batch))
@@ -590,7 +593,7 @@ class Synthesizer(abc.ABC):
 
         pieces = []
         counts = {"drafted": 0, "kept": len(frame), "forced": 0}
-        block_size = max(1, DRAFTS_AT_ONCE // math.ceil(1.0 / filter_.acceptance))
+        block_size = max(1, DRAFTS_AT_ONCE // drafts_per_slot(filter_.acceptance))
         for start in range(0, len(frame), block_size):
             block = frame.iloc[start : start + block_size].reset_index(drop=True)
 

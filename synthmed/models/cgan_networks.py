@@ -362,9 +362,9 @@ class SequenceGenerator(nn.Module):
             self.scale.bias.zero_()
             self.scale.bias[self.value_width : 2 * self.value_width] = 1.0  # half-range ~1.3 std
             self.scale.bias[3 * self.value_width] = 4.0  # window ~ 98% of the longest time
-            charted = 3 * self.value_width + 2 + n_variables
-            self.scale.bias[charted : charted + n_variables] = 3.0  # all charted at first
-            self.scale.bias[charted + n_variables :] = math.log(math.e - 1)  # rhythm 1
+            charted = self._charted_columns
+            self.scale.bias[charted] = 3.0  # all charted at first
+            self.scale.bias[charted.stop :] = math.log(math.e - 1)  # rhythm 1
         inputs = static_width + 2 * noise_dim + 1 + feedback
         self.lstm = nn.ModuleList(
             [nn.LSTMCell(inputs if i == 0 else hidden, hidden) for i in range(layers)]
@@ -374,6 +374,12 @@ class SequenceGenerator(nn.Module):
         # on slots, with most slots observed.
         with torch.no_grad():
             self.out.bias.view(steps_per_cell, self.step_outputs)[:, 1] = 2.0 if slots else -7.0
+
+    @property
+    def _charted_columns(self) -> slice:
+        """The outputs of ``scale`` that set the patient's charting flags."""
+        start = 3 * self.value_width + 2 + self.n_variables
+        return slice(start, start + self.n_variables)
 
     def start_at_rates(self, observation_rates: torch.Tensor, charted_shares: torch.Tensor) -> None:
         """Start each variable's observation logits at ``observation_rates`` (per step, ``[V]``
@@ -393,8 +399,7 @@ class SequenceGenerator(nn.Module):
             shares = charted_shares.to(bias).clamp(0.02, 0.995)
             rates = (observation_rates.to(bias) / shares).clamp(0.01, 0.99)
             bias[:, 2 : 2 + self.n_variables] = torch.logit(rates)
-            at = 3 * self.value_width + 2 + self.n_variables
-            flags = slice(at, at + self.n_variables)
+            flags = self._charted_columns
             shared_noise = self.scale.in_features - self.noise_dim  # the first noise input
             self.scale.weight[flags, shared_noise] = 1.0
             self.scale.bias[flags] = torch.special.ndtri(shares)
@@ -431,7 +436,7 @@ class SequenceGenerator(nn.Module):
             window=torch.sigmoid(scale[:, 3 * w]),
             pace=scale[:, 3 * w + 1],
             propensity=scale[:, 3 * w + 2 : 3 * w + 2 + v],
-            charted=st_threshold(scale[:, 3 * w + 2 + v : 3 * w + 2 + 2 * v], temperature),
+            charted=st_threshold(scale[:, self._charted_columns], temperature),
             rhythm=F.softplus(scale[:, 3 * w + 2 + 2 * v :]) if self.schedules else None,
         )
         carry = Carry(

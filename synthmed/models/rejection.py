@@ -356,6 +356,11 @@ class Kept:
     forced: int
 
 
+def drafts_per_slot(acceptance: float) -> int:
+    """Drafts each pending slot gets per round of :func:`draft_and_keep`."""
+    return max(1, math.ceil(1.0 / acceptance))
+
+
 def draft_and_keep(
     n: int,
     draft: Callable[[np.ndarray], Any],
@@ -369,7 +374,7 @@ def draft_and_keep(
     pending slot gets several drafts per round, about ``1 / acceptance``, so most slots finish in
     one round); a slot keeps its first draft that passes ``uniform(k) < keep_probability``.
     """
-    copies = max(1, math.ceil(1.0 / acceptance))
+    copies = drafts_per_slot(acceptance)
     choice = np.full((n, 2), -1, dtype=np.int64)
     pending = np.arange(n)
     parts: list[Any] = []
