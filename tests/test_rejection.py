@@ -62,6 +62,27 @@ def test_exported_trees_decide_as_scikit_learn_does_missing_values_included():
     np.testing.assert_array_equal(again.decision_function(x), trees.decision_function(x))
 
 
+def test_exported_trees_decide_as_scikit_learn_does_down_lopsided_trees():
+    # A signal in one feature's tail grows chains of splits: rows leave a tree at very different
+    # depths, and each must stop at its own leaf.
+    rng = np.random.default_rng(5)
+    x = rng.exponential(size=(4000, 3))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    labels = (np.nan_to_num(x[:, 0], nan=3.0) + 0.3 * rng.normal(size=4000) > 2.5).astype(int)
+    model = HistGradientBoostingClassifier(
+        max_iter=30, max_leaf_nodes=31, min_samples_leaf=5, random_state=0
+    ).fit(x, labels)
+    trees = BoostedTrees.from_sklearn(model)
+    leaf_depths = np.concatenate(
+        [p[0].nodes["depth"][p[0].nodes["is_leaf"].astype(bool)] for p in model._predictors]
+    )
+    assert trees.depth >= 8 and leaf_depths.min() <= 3
+    np.testing.assert_allclose(
+        trees.decision_function(x), model.decision_function(x), rtol=0, atol=1e-10
+    )
+    assert trees.decision_function(x[:0]).shape == (0,)
+
+
 def test_bound_keeps_the_requested_share_of_drafts():
     logits = np.random.default_rng(1).normal(0.0, 2.0, size=5000)
     for share in (0.1, 0.35, 0.8):
@@ -77,7 +98,7 @@ def test_drafts_kept_in_proportion_to_the_ratio_follow_the_target_distribution()
     kept = draft_and_keep(
         20_000,
         lambda slots: rng.normal(size=len(slots)),
-        lambda x: np.exp(np.minimum(x - 3.0, 0.0)),
+        lambda x, u: u < np.exp(np.minimum(x - 3.0, 0.0)),
         lambda k: rng.random(k),
         acceptance=0.08,
     )
@@ -140,15 +161,15 @@ def test_a_slot_whose_drafts_never_pass_keeps_its_last_draft_and_is_counted():
     # Slot 0's drafts never pass; slot 1's always do.
     passing: set[float] = set()
 
-    def keep(batch: np.ndarray) -> np.ndarray:
-        return np.array([1.0 if v in passing else 0.0 for v in batch])
+    def passes(batch: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return np.array([v in passing for v in batch]) & (u < 1.0)
 
     def draft_marking(slots: np.ndarray) -> np.ndarray:
         batch = draft(slots)
         passing.update(batch[slots == 1].tolist())
         return batch
 
-    kept = draft_and_keep(2, draft_marking, keep, lambda k: np.full(k, 0.5), acceptance=0.5)
+    kept = draft_and_keep(2, draft_marking, passes, lambda k: np.full(k, 0.5), acceptance=0.5)
     assert kept.forced == 1
     assert kept.drafted == 2 * 2 + (MAX_ROUNDS - 1) * 2
     part, row = kept.choice[0]
@@ -250,6 +271,28 @@ def test_each_stage_learns_from_the_drafts_the_stages_before_it_keep(cohort, mon
     assert kept.metadata["rejection_sampling"]["drafted"] >= 200 / 0.4**2
     keep = cascade.rejection_filter_.keep_probability
     assert keep(kept).mean() > 1.2 * keep(single.sample(200, seed=5)).mean()
+
+
+def test_a_cascade_scores_a_stage_only_on_drafts_the_stages_before_it_left_a_chance(
+    cohort, monkeypatch
+):
+    settings = dict(config=TINY_LSTM, epochs=3, batch_size=32, verbose=False, device="cpu", seed=0)
+    cascade = LSTMSynthesizer(**settings, rejection_sampling=0.4, rejection_stages=3).fit(cohort)
+    filter_ = cascade.rejection_filter_
+    drafts = LSTMSynthesizer(**settings).fit(cohort).sample(400, seed=3)
+    uniform = np.random.default_rng(0).random(400)
+    expected = uniform < filter_.keep_probability(drafts)
+    scored = []
+    keep_from_features = RejectionFilter.keep_from_features
+
+    def counting(self, features):
+        scored.append(len(features))
+        return keep_from_features(self, features)
+
+    monkeypatch.setattr(RejectionFilter, "keep_from_features", counting)
+    np.testing.assert_array_equal(filter_.passes(drafts, uniform), expected)
+    assert expected.any() and not expected.all()
+    assert scored[0] == 400 and scored[1] < 400 * 0.8 and scored[-1] < scored[1]
 
 
 def test_sample_to_streams_refined_patients(refined, tmp_path):

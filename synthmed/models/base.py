@@ -583,8 +583,8 @@ class Synthesizer(abc.ABC):
         (drafts of a row share its conditions); with the counts of drafts for the metadata.
         Rows are drafted in blocks, and only the kept drafts of a block are held on to."""
 
-        def keep(batch: GeneratedBatch) -> np.ndarray:
-            return filter_.keep_probability(self._batch_cohort(batch))
+        def passes(batch: GeneratedBatch, draws: np.ndarray) -> np.ndarray:
+            return filter_.passes(self._batch_cohort(batch), draws)
 
         def uniform(k: int) -> np.ndarray:
             return (
@@ -600,7 +600,7 @@ class Synthesizer(abc.ABC):
             def draft(slots: np.ndarray, block: pd.DataFrame = block) -> GeneratedBatch:
                 return self._generate(block.iloc[slots].reset_index(drop=True), generator)
 
-            kept = draft_and_keep(len(block), draft, keep, uniform, filter_.acceptance)
+            kept = draft_and_keep(len(block), draft, passes, uniform, filter_.acceptance)
             counts["drafted"] += kept.drafted
             counts["forced"] += kept.forced
             for k, drafted in enumerate(kept.parts):
