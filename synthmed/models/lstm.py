@@ -934,12 +934,14 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             support = facts["value_support"].get(name)
             if step > 0 or support:
                 lo, hi = self.schema_[name].bounds
-                column_values = values[..., position]
+                column = values[..., position]
+                observed = ~np.isnan(column)
+                column_values = column[observed]
                 if step > 0:
                     column_values = np.round(column_values / step) * step
                 if support:
                     column_values = snap(column_values, support, tolerance=1e-6)
-                values[..., position] = np.clip(column_values, lo, hi)
+                column[observed] = np.clip(column_values, lo, hi)
         return times, values, lengths
 
     # -- persistence -----------------------------------------------------------------------------
