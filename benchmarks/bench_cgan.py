@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _arguments import add_sampling_arguments
 
 from synthmed import Cohort
 from synthmed.datasets import load_physionet2012
@@ -296,27 +297,10 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--throughput-n", type=int, default=20_000)
-    parser.add_argument(
-        "--sample-threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="torch threads while measuring sampling throughput (default: all cores)",
-    )
     parser.add_argument("--save", default=None, help="save fitted models beside this path")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--verbose", action="store_true")
-    parser.add_argument(
-        "--rejection-sampling",
-        type=float,
-        default=None,
-        help="share of drafts to keep by discriminator rejection sampling (default: off)",
-    )
-    parser.add_argument(
-        "--rejection-stages",
-        type=int,
-        default=1,
-        help="rejection filters applied in turn (with --rejection-sampling)",
-    )
+    add_sampling_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _arguments import add_sampling_arguments
 
 PANEL = ["HR", "MAP", "SysABP", "DiasABP", "RespRate", "Temp", "SaO2", "Glucose"]
 TARGETS = {
@@ -134,12 +135,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the model's")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--n-sample", type=int, default=20_000, help="patients for throughput")
-    parser.add_argument(
-        "--sample-threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="torch threads while measuring sampling throughput (default: all cores)",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="save the fitted model here")
     parser.add_argument("--load", default=None, help="skip fitting: load this saved model")
@@ -148,18 +143,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the model's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the model's")
     parser.add_argument("--verbose", action="store_true", help="show the training progress bar")
-    parser.add_argument(
-        "--rejection-sampling",
-        type=float,
-        default=None,
-        help="share of drafts to keep by discriminator rejection sampling (default: off)",
-    )
-    parser.add_argument(
-        "--rejection-stages",
-        type=int,
-        default=1,
-        help="rejection filters applied in turn (with --rejection-sampling)",
-    )
+    add_sampling_arguments(parser)
     args = parser.parse_args()
 
     from synthmed.datasets import load_physionet2012
