@@ -720,6 +720,30 @@ def test_resumed_training_matches_an_uninterrupted_one(cohort: Cohort, tmp_path,
     assert_same(resumed.sample(10, seed=0), uninterrupted.sample(10, seed=0))
 
 
+def test_a_categorical_temporal_variable_is_generated_with_its_categories() -> None:
+    simulated = simulate_cohort(100, seed=3)
+    long = simulated.to_long()
+    heart = long["HR"].to_numpy()
+    rhythm = np.where(heart > 100, "tachy", np.where(heart < 70, "brady", "normal"))
+    long["Rhythm"] = pd.Series(rhythm, dtype=object).where(long["HR"].notna())
+    cohort = Cohort.from_long(
+        long,
+        simulated.id_column,
+        simulated.time_column,
+        static=["Age", "Gender", "ICUType"],
+        outcomes=["In-hospital_death"],
+    )
+    synth = tiny(seed=0).fit(cohort)
+    assert synth.facts_["categorical_variables"] == ["Rhythm"]
+    events = synth.sample(300, seed=1).events
+    drawn = events["Rhythm"].dropna()
+    # Every category of training is drawn, at about the training's observation rate.
+    assert set(drawn) == {"tachy", "brady", "normal"}
+    observed_share = events["Rhythm"].notna().mean()
+    real_share = cohort.events["Rhythm"].notna().mean()
+    assert 0.3 * real_share < observed_share < min(1.0, 3 * real_share)
+
+
 @pytest.fixture(scope="module")
 def plain_synth(cohort: Cohort) -> LSTMSynthesizer:
     """Neither the value head's level inputs nor charted flags."""

@@ -907,24 +907,27 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
         for p_times, p_values, p_codes, p_mask, p_lengths in parts:
             size, steps = p_times.shape
             block = slice(row, row + size)
-            times[block, :steps] = p_times.cpu().numpy()
-            mask = p_mask.cpu().numpy()
-            n_numeric = len(numeric_pos)
-            if numeric_pos:
-                numbers = p_values.cpu().numpy().astype(np.float64)
-                values[block, :steps, numeric_pos] = np.where(
-                    mask[..., :n_numeric], numbers, np.nan
-                )
-            if categorical_pos:
-                codes = p_codes.cpu().numpy().astype(np.float64)
-                values[block, :steps, categorical_pos] = np.where(
-                    mask[..., n_numeric:], codes, np.nan
-                )
             lengths[block] = p_lengths.cpu().numpy()
+            # Finished patients ride along in the sampler, so steps past a length hold values.
+            inside = np.arange(steps)[None, :] < lengths[block, None]
+            times[block, :steps] = np.where(inside, p_times.cpu().numpy(), 0.0)
+            observed = p_mask.cpu().numpy() & inside[..., None]
+            # Copied one variable at a time into views of ``values``, where observed: no
+            # temporaries of the whole block (raw stays run to hundreds of steps).
+            sources = [
+                (p_values.cpu().numpy(), numeric_pos),
+                (p_codes.cpu().numpy(), categorical_pos),
+            ]
+            offset = 0
+            for source, positions in sources:
+                for k, position in enumerate(positions):
+                    np.copyto(
+                        values[block, :steps, position],
+                        source[..., k],
+                        where=observed[..., offset + k],
+                    )
+                offset += len(positions)
             row += size
-        inside = np.arange(longest)[None, :] < lengths[:, None]
-        times[~inside] = 0.0
-        values[~inside] = np.nan
         # The network works in float32; put times and values back on their grid in float64.
         quantum = facts["time_quantum"]
         if quantum > 0:
