@@ -62,6 +62,26 @@ def test_exported_trees_decide_as_scikit_learn_does_missing_values_included():
     np.testing.assert_array_equal(again.decision_function(x), trees.decision_function(x))
 
 
+def test_exported_trees_decide_as_scikit_learn_does_where_missingness_alone_splits():
+    # Where being missing is what matters, scikit-learn splits the missing values from all
+    # others with a threshold of +inf; recorded infinities must still fall on its sides.
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2000, 3))
+    gone = rng.random(2000) < 0.5
+    x[gone, 1] = np.nan
+    x[rng.random(2000) < 0.1, 2] = np.nan
+    labels = (gone ^ (rng.random(2000) < 0.1) | (x[:, 0] > 1.5)).astype(int)
+    model = HistGradientBoostingClassifier(max_iter=30, random_state=0).fit(x, labels)
+    trees = BoostedTrees.from_sklearn(model)
+    assert np.isinf(trees.threshold[~trees.leaf]).any()
+    probe = x[:200].copy()
+    probe[:40, :2] = np.inf
+    probe[40:80, :2] = -np.inf
+    np.testing.assert_allclose(
+        trees.decision_function(probe), model.decision_function(probe), rtol=0, atol=1e-10
+    )
+
+
 def test_exported_trees_decide_as_scikit_learn_does_down_lopsided_trees():
     # A signal in one feature's tail grows chains of splits: rows leave a tree at very different
     # depths, and each must stop at its own leaf.

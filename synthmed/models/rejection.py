@@ -50,6 +50,7 @@ MIN_LEAF_SHARE = 0.05
 MAX_ROUNDS = 20
 #: Rows the trees are evaluated on at once (bounds the memory of the gathers).
 _PREDICT_ROWS = 8192
+_LARGEST = np.finfo(np.float64).max
 _NODE_FIELDS = ("feature", "threshold", "missing_left", "left", "right", "leaf", "value")
 
 
@@ -112,26 +113,34 @@ class BoostedTrees:
         x = np.asarray(x, dtype=np.float64)
         n_trees, width = self.value.shape
         n_features = x.shape[1]
+        # Each row is read in two copies: in the first a missing value is +inf, so it goes
+        # right at every split, in the second -inf, so it goes left; a node reads the copy its
+        # missing values follow. Recorded infinities become the largest float and thresholds
+        # of +inf (scikit-learn's split of the missing values from all others) the same, so
+        # every comparison of a present value decides as before.
+        column = (self.feature + n_features * self.missing_left).ravel()
+        threshold = np.minimum(self.threshold, _LARGEST).ravel()
         roots = np.arange(n_trees) * width
-        left = (self.left + roots[:, None]).ravel()
-        right = (self.right + roots[:, None]).ravel()
-        feature, threshold = self.feature.ravel(), self.threshold.ravel()
-        missing_left, leaf, value = self.missing_left.ravel(), self.leaf.ravel(), self.value.ravel()
+        # A node's children side by side: the one taken is ``children[2 * node + go_left]``.
+        children = np.stack([self.right + roots[:, None], self.left + roots[:, None]], -1).ravel()
+        leaf, value = self.leaf.ravel(), self.value.ravel()
         out = np.empty(len(x))
         for start in range(0, len(x), _PREDICT_ROWS):
-            block = x[start : start + _PREDICT_ROWS]
-            cells = block.ravel()
+            block = np.minimum(x[start : start + _PREDICT_ROWS], _LARGEST)
+            missing = np.isnan(block)
+            cells = np.hstack(
+                [np.where(missing, np.inf, block), np.where(missing, -np.inf, block)]
+            ).ravel()
             node = np.tile(roots, len(block))
-            row_start = np.repeat(np.arange(len(block)) * n_features, n_trees)
+            row_start = np.repeat(np.arange(len(block)) * (2 * n_features), n_trees)
             # Each (row, tree) pair walks down until it reaches a leaf, and only the pairs still
             # walking go on to the next level: the trees are lopsided (on PhysioNet 31 leaves,
             # depth 24, leaves 9 levels deep on average), so most pairs stop early.
             walking = np.flatnonzero(~leaf[node])
             while len(walking):
                 at = node[walking]
-                seen = cells[row_start[walking] + feature[at]]
-                go_left = (seen <= threshold[at]) | (np.isnan(seen) & missing_left[at])
-                at = np.where(go_left, left[at], right[at])
+                go_left = cells[row_start[walking] + column[at]] <= threshold[at]
+                at = children[2 * at + go_left]
                 node[walking] = at
                 walking = walking[~leaf[at]]
             out[start : start + len(block)] = self.baseline + value[node].reshape(
