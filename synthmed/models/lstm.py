@@ -938,13 +938,13 @@ class LSTMSynthesizer(OutcomeLabelling, Synthesizer):
             if step > 0 or support:
                 lo, hi = self.schema_[name].bounds
                 column = values[..., position]
-                observed = ~np.isnan(column)
-                column_values = column[observed]
+                present = ~np.isnan(column)
+                column_values = column[present]
                 if step > 0:
                     column_values = np.round(column_values / step) * step
                 if support:
                     column_values = snap(column_values, support, tolerance=1e-6)
-                column[observed] = np.clip(column_values, lo, hi)
+                column[present] = np.clip(column_values, lo, hi)
         return times, values, lengths
 
     # -- persistence -----------------------------------------------------------------------------

@@ -60,7 +60,8 @@ class BoostedTrees:
 
     A row goes left at a node when its feature is at most the threshold, or when it is missing
     and the node sends missing values left, as scikit-learn's ``HistGradientBoostingClassifier``
-    decides; the logit is the baseline plus the sum of the leaves reached.
+    decides; the logit is the baseline plus the sum of the leaves reached. ``depth``, the
+    deepest leaf's, is recorded in model files (prediction walks each row to its own leaves).
     """
 
     feature: np.ndarray
