@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 from test_cgan import TINY as TINY_CGAN
 from test_lstm import TINY as TINY_LSTM
@@ -101,6 +102,18 @@ def test_exported_trees_decide_as_scikit_learn_does_down_lopsided_trees():
         trees.decision_function(x), model.decision_function(x), rtol=0, atol=1e-10
     )
     assert trees.decision_function(x[:0]).shape == (0,)
+    # Scored in blocks on several threads, each row's logit is the same to the last bit.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        threaded = trees.decision_function(x)
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(threaded, trees.decision_function(x))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bound_keeps_the_requested_share_of_drafts():
