@@ -32,11 +32,14 @@ def compact_observations(arrays: SequenceArrays, variable: str) -> tuple[np.ndar
     observed = arrays.mask[:, :, j]
     counts = observed.sum(axis=1)
     width = int(counts.max()) if counts.size else 0
-    order = np.argsort(~observed, axis=1, kind="stable")[:, :width]
-    inside = np.arange(width)[None, :] < counts[:, None]
-    values = np.take_along_axis(arrays.values[:, :, j].astype(np.float64), order, axis=1)
-    times = np.take_along_axis(arrays.times, order, axis=1)
-    return np.where(inside, values, np.nan), np.where(inside, times, np.nan)
+    # Each observation's place in its row is the number of observations before it.
+    rows, steps = np.nonzero(observed)
+    slots = np.cumsum(observed, axis=1)[rows, steps] - 1
+    values = np.full((len(counts), width), np.nan)
+    times = np.full((len(counts), width), np.nan)
+    values[rows, slots] = arrays.values[rows, steps, j]
+    times[rows, slots] = arrays.times[rows, steps]
+    return values, times
 
 
 def observation_gaps(arrays: SequenceArrays, variable: str | None = None) -> np.ndarray:
