@@ -20,7 +20,7 @@ from synthmed.datasets import simulate_cohort
 from synthmed.evaluation import Report, controls, evaluate
 from synthmed.evaluation.base import Metric, limit_threads
 from synthmed.evaluation.discrimination import DiscriminativeScore, GRUDiscriminativeScore
-from synthmed.evaluation.features import patient_features
+from synthmed.evaluation.features import compact_observations, patient_features
 from synthmed.evaluation.fidelity import (
     AutocorrelationError,
     MeanSequenceLengthError,
@@ -353,3 +353,24 @@ def test_a_copy_of_the_training_patients_is_caught(cohorts):
     assert values["membership_inference_auroc"] > 0.95
     assert values["dcr_ratio"] == 0 and values["nndr"] == 0
     assert values["DCROverfittingProtection"] < 0.5
+
+
+def test_compact_observations_packs_each_patients_observations_to_the_left_in_time_order():
+    long = pd.DataFrame(
+        {
+            "id": ["a", "a", "a", "a", "b", "b", "c"],
+            "t": [0.0, 1.0, 2.0, 3.0, 0.5, 4.0, 1.0],
+            "HR": [80.0, np.nan, 82.0, 85.0, np.nan, np.nan, 70.0],
+            "Temp": [np.nan, 37.0, np.nan, np.nan, 36.5, 38.0, np.nan],
+        }
+    )
+    cohort = Cohort.from_long(long, "id", "t")
+    values, times = compact_observations(cohort.arrays, "HR")
+    expected_values = [[80.0, 82.0, 85.0], [np.nan] * 3, [70.0, np.nan, np.nan]]
+    expected_times = [[0.0, 2.0, 3.0], [np.nan] * 3, [1.0, np.nan, np.nan]]
+    order = [list(cohort.ids).index(p) for p in "abc"]
+    np.testing.assert_array_equal(values[order], expected_values)
+    np.testing.assert_array_equal(times[order], expected_times)
+    values, times = compact_observations(cohort.arrays, "Temp")
+    np.testing.assert_array_equal(values[order], [[37.0, np.nan], [36.5, 38.0], [np.nan] * 2])
+    np.testing.assert_array_equal(times[order], [[1.0, np.nan], [0.5, 4.0], [np.nan] * 2])
