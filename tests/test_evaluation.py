@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -374,3 +375,30 @@ def test_compact_observations_packs_each_patients_observations_to_the_left_in_ti
     values, times = compact_observations(cohort.arrays, "Temp")
     np.testing.assert_array_equal(values[order], [[37.0, np.nan], [36.5, 38.0], [np.nan] * 2])
     np.testing.assert_array_equal(times[order], [[1.0, np.nan], [0.5, 4.0], [np.nan] * 2])
+
+
+def test_patient_features_on_threads_are_the_same_and_leave_warning_filters_alone():
+    long = pd.DataFrame(
+        {
+            "id": ["a", "a", "a", "b", "b", "c"],
+            "t": [0.0, 1.0, 2.0, 0.5, 4.0, 1.0],
+            "HR": [80.0, np.nan, 86.0, np.nan, np.nan, 70.0],
+            "Temp": [np.nan, 37.0, np.nan, 36.5, 38.0, np.nan],
+        }
+    )
+    small = Cohort.from_long(long, "id", "t")
+    filters = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a patient without HR is NaN, not an empty-slice warning
+        features = patient_features(small)
+        threaded = patient_features(small, threads=4)
+    pd.testing.assert_frame_equal(threaded, features, check_exact=True)
+    assert warnings.filters == filters
+    b, c = features.loc["b"], features.loc["c"]
+    assert np.isnan(b["HR__mean"]) and np.isnan(b["HR__std"]) and b["HR__n_obs"] == 0
+    assert c["HR__mean"] == 70.0 and np.isnan(c["HR__step"])
+    assert features.loc["a", "HR__step"] == 6.0 and features.loc["b", "Temp__step"] == 1.5
+    simulated = simulate_cohort(200, seed=3)
+    pd.testing.assert_frame_equal(
+        patient_features(simulated, threads=3), patient_features(simulated), check_exact=True
+    )

@@ -6,7 +6,7 @@ Everything here is computed from the cohort's cached padded arrays (:attr:`Cohor
 
 from __future__ import annotations
 
-import warnings
+import concurrent.futures
 from collections.abc import Iterable
 
 import numpy as np
@@ -64,12 +64,19 @@ def previous_observation(arrays: SequenceArrays) -> np.ndarray:
 
 
 def _nan_reduce(function, x: np.ndarray) -> np.ndarray:
-    """``function(x, axis=1)`` without warnings; NaN for all-NaN or zero-width rows."""
+    """``function(x, axis=1)`` for a NaN-ignoring reduction, NaN for all-NaN or zero-width rows.
+
+    Only the rows holding a value are reduced, so numpy has no empty slice to warn about: no
+    warning filter is touched (``warnings.catch_warnings`` is not thread-safe), and each row's
+    result is the one ``function`` gives it on the whole array."""
     if x.shape[1] == 0:
         return np.full(len(x), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    present = ~np.isnan(x).all(axis=1)
+    if present.all():
         return function(x, axis=1)
+    reduced = np.full(len(x), np.nan)
+    reduced[present] = function(x[present], axis=1)
+    return reduced
 
 
 def _ends(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +102,7 @@ def static_matrix(cohort: Cohort, exclude: Iterable[str] = ()) -> pd.DataFrame:
     return pd.DataFrame(columns, index=cohort.ids)
 
 
-def patient_features(cohort: Cohort, exclude: Iterable[str] = ()) -> pd.DataFrame:
+def patient_features(cohort: Cohort, exclude: Iterable[str] = (), threads: int = 1) -> pd.DataFrame:
     """One row of summary features per patient.
 
     Columns: ``n_steps``, ``duration`` (time of the last step), ``first_time``, ``mean_gap``; for
@@ -104,6 +111,8 @@ def patient_features(cohort: Cohort, exclude: Iterable[str] = ()) -> pd.DataFram
     change between consecutive observations); for each categorical temporal variable its
     ``n_obs``, ``obs_rate`` and ``last`` code; then the static columns (:func:`static_matrix`)
     not named in ``exclude``. Statistics of a variable a patient never had measured are NaN.
+    With ``threads`` above 1 the variables are summarised on that many threads (numpy releases
+    the GIL in the reductions); the table is the same.
     """
     arrays = cohort.arrays
     lengths = arrays.lengths
@@ -116,28 +125,46 @@ def patient_features(cohort: Cohort, exclude: Iterable[str] = ()) -> pd.DataFram
         "mean_gap": _nan_reduce(np.nanmean, np.diff(times, axis=1)),
     }
     numeric = set(numeric_variables(cohort))
-    for variable in arrays.variables:
-        values, _ = compact_observations(arrays, variable)
-        counts = (~np.isnan(values)).sum(axis=1)
-        first, last = _ends(values, counts)
-        columns[f"{variable}__n_obs"] = counts.astype(np.float64)
-        columns[f"{variable}__obs_rate"] = counts / np.maximum(lengths, 1)
-        if variable not in numeric:
-            columns[f"{variable}__last"] = last
-            continue
-        stats = {
-            "mean": _nan_reduce(np.nanmean, values),
-            "std": _nan_reduce(np.nanstd, values),
-            "min": _nan_reduce(np.nanmin, values),
-            "max": _nan_reduce(np.nanmax, values),
-            "first": first,
-            "last": last,
-            "step": _nan_reduce(np.nanmean, np.abs(np.diff(values, axis=1))),
-        }
-        for stat, column in stats.items():
-            columns[f"{variable}__{stat}"] = column
+
+    def summarise(variable: str) -> dict[str, np.ndarray]:
+        return _variable_features(arrays, variable, variable in numeric)
+
+    if threads > 1 and len(arrays.variables) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(threads, len(arrays.variables))) as pool:
+            per_variable = list(pool.map(summarise, arrays.variables))
+    else:
+        per_variable = [summarise(variable) for variable in arrays.variables]
+    for variable_columns in per_variable:
+        columns.update(variable_columns)
     features = pd.DataFrame(columns, index=cohort.ids)
     return features.join(static_matrix(cohort, exclude))
+
+
+def _variable_features(
+    arrays: SequenceArrays, variable: str, numeric: bool
+) -> dict[str, np.ndarray]:
+    """The columns of one temporal variable in :func:`patient_features`, in their order."""
+    values, _ = compact_observations(arrays, variable)
+    counts = (~np.isnan(values)).sum(axis=1)
+    first, last = _ends(values, counts)
+    columns = {
+        f"{variable}__n_obs": counts.astype(np.float64),
+        f"{variable}__obs_rate": counts / np.maximum(arrays.lengths, 1),
+    }
+    if not numeric:
+        columns[f"{variable}__last"] = last
+        return columns
+    stats = {
+        "mean": _nan_reduce(np.nanmean, values),
+        "std": _nan_reduce(np.nanstd, values),
+        "min": _nan_reduce(np.nanmin, values),
+        "max": _nan_reduce(np.nanmax, values),
+        "first": first,
+        "last": last,
+        "step": _nan_reduce(np.nanmean, np.abs(np.diff(values, axis=1))),
+    }
+    columns.update({f"{variable}__{stat}": column for stat, column in stats.items()})
+    return columns
 
 
 def standardise(reference: pd.DataFrame, *others: pd.DataFrame) -> tuple[np.ndarray, ...]:
