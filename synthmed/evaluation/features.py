@@ -63,19 +63,18 @@ def previous_observation(arrays: SequenceArrays) -> np.ndarray:
     return previous
 
 
-def _nan_reduce(function, x: np.ndarray) -> np.ndarray:
-    """``function(x, axis=1)`` for a NaN-ignoring reduction, NaN for all-NaN or zero-width rows.
+def _nan_reduce(function, x: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``function(x, axis=1)`` for a NaN-ignoring reduction, NaN for rows without a value.
 
-    Only the rows holding a value are reduced, so numpy has no empty slice to warn about: no
-    warning filter is touched (``warnings.catch_warnings`` is not thread-safe), and each row's
-    result is the one ``function`` gives it on the whole array."""
-    if x.shape[1] == 0:
-        return np.full(len(x), np.nan)
-    present = ~np.isnan(x).all(axis=1)
+    ``present`` marks the rows of ``x`` holding at least one value; only those are reduced, so
+    numpy has no empty slice to warn about and no warning filter is touched
+    (``warnings.catch_warnings`` is not thread-safe). Each row's result is the one ``function``
+    gives it on the whole array."""
     if present.all():
         return function(x, axis=1)
     reduced = np.full(len(x), np.nan)
-    reduced[present] = function(x[present], axis=1)
+    if present.any():
+        reduced[present] = function(x[present], axis=1)
     return reduced
 
 
@@ -122,7 +121,7 @@ def patient_features(cohort: Cohort, exclude: Iterable[str] = (), threads: int =
         "n_steps": lengths.astype(np.float64),
         "duration": last_time,
         "first_time": first_time,
-        "mean_gap": _nan_reduce(np.nanmean, np.diff(times, axis=1)),
+        "mean_gap": _nan_reduce(np.nanmean, np.diff(times, axis=1), lengths > 1),
     }
     numeric = set(numeric_variables(cohort))
 
@@ -154,14 +153,15 @@ def _variable_features(
     if not numeric:
         columns[f"{variable}__last"] = last
         return columns
+    present = counts > 0
     stats = {
-        "mean": _nan_reduce(np.nanmean, values),
-        "std": _nan_reduce(np.nanstd, values),
-        "min": _nan_reduce(np.nanmin, values),
-        "max": _nan_reduce(np.nanmax, values),
+        "mean": _nan_reduce(np.nanmean, values, present),
+        "std": _nan_reduce(np.nanstd, values, present),
+        "min": _nan_reduce(np.nanmin, values, present),
+        "max": _nan_reduce(np.nanmax, values, present),
         "first": first,
         "last": last,
-        "step": _nan_reduce(np.nanmean, np.abs(np.diff(values, axis=1))),
+        "step": _nan_reduce(np.nanmean, np.abs(np.diff(values, axis=1)), counts > 1),
     }
     columns.update({f"{variable}__{stat}": column for stat, column in stats.items()})
     return columns
