@@ -30,11 +30,12 @@ def compact_observations(arrays: SequenceArrays, variable: str) -> tuple[np.ndar
     """
     j = arrays.variables.index(variable)
     observed = arrays.mask[:, :, j]
-    counts = observed.sum(axis=1)
-    width = int(counts.max()) if counts.size else 0
     # Each observation's place in its row is the number of observations before it.
+    running = np.cumsum(observed, axis=1)
+    counts = running[:, -1] if running.shape[1] else np.zeros(len(running), dtype=running.dtype)
+    width = int(counts.max()) if counts.size else 0
     rows, steps = np.nonzero(observed)
-    slots = np.cumsum(observed, axis=1)[rows, steps] - 1
+    slots = running[rows, steps] - 1
     values = np.full((len(counts), width), np.nan)
     times = np.full((len(counts), width), np.nan)
     values[rows, slots] = arrays.values[rows, steps, j]
