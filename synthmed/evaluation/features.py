@@ -29,18 +29,28 @@ def compact_observations(arrays: SequenceArrays, variable: str) -> tuple[np.ndar
         of ``variable`` in one patient; entries past a patient's own count are NaN.
     """
     j = arrays.variables.index(variable)
-    observed = arrays.mask[:, :, j]
-    # Each observation's place in its row is the number of observations before it.
-    running = np.cumsum(observed, axis=1)
-    counts = running[:, -1] if running.shape[1] else np.zeros(len(running), dtype=running.dtype)
-    width = int(counts.max()) if counts.size else 0
-    rows, steps = np.nonzero(observed)
-    slots = running[rows, steps] - 1
-    values = np.full((len(counts), width), np.nan)
-    times = np.full((len(counts), width), np.nan)
-    values[rows, slots] = arrays.values[rows, steps, j]
-    times[rows, slots] = arrays.times[rows, steps]
-    return values, times
+    packing = _Packing(arrays.mask[:, :, j])
+    return packing.pack(arrays.values[:, :, j]), packing.pack(arrays.times)
+
+
+class _Packing:
+    """Where each observation of one variable goes when packed to the left of its row
+    (``observed``, ``[N, T]`` bool): its place is the number of observations before it."""
+
+    def __init__(self, observed: np.ndarray) -> None:
+        running = np.cumsum(observed, axis=1)
+        self.counts = (
+            running[:, -1] if running.shape[1] else np.zeros(len(running), dtype=running.dtype)
+        )
+        self.width = int(self.counts.max()) if self.counts.size else 0
+        self.rows, self.steps = np.nonzero(observed)
+        self.slots = running[self.rows, self.steps] - 1
+
+    def pack(self, source: np.ndarray) -> np.ndarray:
+        """``[N, K]`` float64 of ``source`` (``[N, T]``) at the observations, NaN after them."""
+        packed = np.full((len(self.counts), self.width), np.nan)
+        packed[self.rows, self.slots] = source[self.rows, self.steps]
+        return packed
 
 
 def observation_gaps(arrays: SequenceArrays, variable: str | None = None) -> np.ndarray:
@@ -144,8 +154,9 @@ def _variable_features(
     arrays: SequenceArrays, variable: str, numeric: bool
 ) -> dict[str, np.ndarray]:
     """The columns of one temporal variable in :func:`patient_features`, in their order."""
-    values, _ = compact_observations(arrays, variable)
-    counts = (~np.isnan(values)).sum(axis=1)
+    j = arrays.variables.index(variable)
+    packing = _Packing(arrays.mask[:, :, j])
+    values, counts = packing.pack(arrays.values[:, :, j]), packing.counts
     first, last = _ends(values, counts)
     columns = {
         f"{variable}__n_obs": counts.astype(np.float64),
