@@ -233,7 +233,7 @@ class RejectionFilter:
 
     def keep_probability(self, drafts: Cohort) -> np.ndarray:
         """The probability of keeping each patient of ``drafts``."""
-        return self.keep_from_features(patient_features(drafts, threads=torch.get_num_threads()))
+        return self.keep_from_features(_draft_features(drafts))
 
     def keep_from_features(self, features: pd.DataFrame) -> np.ndarray:
         """:meth:`keep_probability` from the drafts' :func:`patient_features`."""
@@ -292,14 +292,14 @@ class FilterCascade:
 
     def keep_probability(self, drafts: Cohort) -> np.ndarray:
         """The probability of keeping each patient of ``drafts``: it passes every stage."""
-        features = patient_features(drafts, threads=torch.get_num_threads())
+        features = _draft_features(drafts)
         return np.prod([stage.keep_from_features(features) for stage in self.stages], axis=0)
 
     def passes(self, drafts: Cohort, uniform: np.ndarray) -> np.ndarray:
         """``uniform < keep_probability(drafts)``, computed stage by stage: a stage scores only
         the drafts whose uniform draw is still below the product of the stages before it (the
         others cannot pass whatever it says), so later stages score a share of the drafts."""
-        features = patient_features(drafts, threads=torch.get_num_threads())
+        features = _draft_features(drafts)
         keep = np.ones(len(features))
         open_rows = np.arange(len(features))
         for stage in self.stages:
@@ -368,6 +368,11 @@ class Tilt:
             covariance = centred.T @ (centred * keep[:, None]) + ridge
             self.weights = self.weights - 0.7 * np.linalg.solve(covariance, mean)
         return _bound_for_acceptance(logits + stats @ self.weights, acceptance)
+
+
+def _draft_features(drafts: Cohort) -> pd.DataFrame:
+    """The drafts' :func:`patient_features`, on as many threads as torch uses."""
+    return patient_features(drafts, threads=torch.get_num_threads())
 
 
 def _keep_probability(logits: np.ndarray, bound: float) -> np.ndarray:
