@@ -291,6 +291,7 @@ def test_a_declared_grid_and_window_give_slots_under_dp(on_the_hour):
     layout = model.layout_
     assert layout.slots and layout.n_steps == 31 and layout.time_max == 30.0
     assert not model.generator_.sequence.schedules  # see SequenceGenerator
+    assert not layout.coupled_masks and not model.generator_.sequence.coupled_masks
     generated = model.sample(50, seed=0).events["time"].to_numpy()
     np.testing.assert_array_equal(generated, np.round(generated))
     assert generated.max() <= 30
@@ -753,6 +754,65 @@ def test_a_variable_not_charted_for_a_patient_is_never_observed():
     assert torch.equal(ever[:, 0], ever[:, 3])
     # A charted variable is observed at (almost) every step of the stay.
     assert (mask[ever[:, 0], :, 0].sum(1) / alive[ever[:, 0]].sum(1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("slots", [False, True])
+def test_coupled_masks_observe_variables_together(slots):
+    """Two variables charted for everyone, each observed at half the steps: with their draws
+    coupled they are observed at the same steps; uncoupled, at the same steps by chance only.
+    The coupling is learnt: the straight-through masks pass it a gradient."""
+    n_variables = 2
+    network = SequenceGenerator(
+        static_width=1,
+        n_variables=n_variables,
+        value_heads=[Head("numeric", j) for j in range(n_variables)],
+        n_steps=12,
+        steps_per_cell=3,
+        noise_dim=2,
+        hidden=8,
+        layers=1,
+        max_log_gap=3.0,
+        slots=slots,
+        schedules=slots,
+        coupled_masks=True,
+    )
+
+    def differ(coupling: float) -> float:
+        with torch.no_grad():
+            network.out.weight.zero_()
+            network.out.bias.view(3, -1)[:, 1] = 30.0 if slots else -30.0  # alive to the end
+            network.out.bias.view(3, -1)[:, 2 : 2 + n_variables] = 0.0
+            network.scale.weight.zero_()
+            network.mask_coupling.fill_(coupling)
+            steps = network(torch.zeros(400, 1), 0.01, torch.Generator().manual_seed(0), 0.5)
+        mask = steps[..., STEP_PREFIX : STEP_PREFIX + n_variables]
+        alive = steps[..., 2] > 0.5
+        assert 0.4 < float(mask[..., 0][alive].mean()) < 0.6
+        return float((mask[..., 0] != mask[..., 1])[alive].float().mean())
+
+    assert differ(12.0) < 0.02
+    assert 0.4 < differ(-12.0) < 0.6
+    network.mask_coupling.data.fill_(0.0)
+    steps = network(torch.zeros(50, 1), 0.01, torch.Generator().manual_seed(1), 0.5)
+    steps[..., STEP_PREFIX : STEP_PREFIX + n_variables].prod(-1).sum().backward()
+    assert bool((network.mask_coupling.grad != 0).all())
+
+
+def test_masks_are_coupled_on_slots_without_dp_and_older_files_draw_them_independently(
+    fitted, on_the_hour, tmp_path
+):
+    """Coupled on a time grid's slots (the DP case is in the test of declared grids); raw times
+    keep independent draws. A file written before the coupling loads and draws as it did."""
+    model = tiny(epochs=1).fit(on_the_hour)
+    assert model.layout_.coupled_masks and model.generator_.sequence.coupled_masks
+    assert not fitted.layout_.coupled_masks and not fitted.generator_.sequence.coupled_masks
+    model_type, config, tensors = read_model_file(model.save(tmp_path / "cgan.synthmed"))
+    del config["state"]["layout"]["coupled_masks"]
+    del tensors["generator.sequence.mask_coupling"]
+    save_model_file(tmp_path / "before.synthmed", model_type, config, tensors)
+    before = load_synthesizer(tmp_path / "before.synthmed")
+    assert not before.generator_.sequence.coupled_masks
+    assert not _same(before.sample(40, seed=3), model.sample(40, seed=3))
 
 
 def test_private_start_charts_each_variable_for_its_released_share_of_patients():

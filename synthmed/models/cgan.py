@@ -249,6 +249,9 @@ class _Layout:
     grids: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     #: Steps are the slots of the time grid, ``gap_scale`` (the grid step) apart from time 0.
     slots: bool = False
+    #: A step's observation draws share one factor (``SequenceGenerator``'s ``coupled_masks``);
+    #: models saved before the coupling drew them independently.
+    coupled_masks: bool = False
 
     @property
     def schema(self) -> Schema:
@@ -428,6 +431,7 @@ class _Layout:
             "time_resolution": self.time_resolution,
             "grids": self.grids,
             "slots": self.slots,
+            "coupled_masks": self.coupled_masks,
         }
 
     @classmethod
@@ -447,6 +451,7 @@ class _Layout:
             exact_step(resolution) if resolution else resolution,
             _saved_grids(data.get("grids", {})),
             bool(data.get("slots", False)),
+            bool(data.get("coupled_masks", False)),
         )
 
     def to_grid(self, name: str, values: np.ndarray, generator: torch.Generator) -> np.ndarray:
@@ -729,6 +734,7 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
             layout.max_log_gap,
             layout.slots,
             schedules=layout.slots and self.epsilon is None,
+            coupled_masks=layout.coupled_masks,
         )
         self.layout_ = layout
         self.generator_ = Generator(static, sequence).to(self.device_)
@@ -768,7 +774,11 @@ class CGANSynthesizer(OutcomeLabelling, Synthesizer):
         if slots is not None:
             if config.time_grid is not None:  # a detected grid holds every time by definition
                 _check_on_grid(cohort, resolution, time_max)
-            return _Layout(encoder, scaler, slots, resolution, time_max, resolution, grids, True)
+            # Coupled masks as observation schedules: on slots without DP (see SequenceGenerator).
+            coupled = not from_bounds
+            return _Layout(
+                encoder, scaler, slots, resolution, time_max, resolution, grids, True, coupled
+            )
         return _Layout(encoder, scaler, n_steps, gap_scale, time_max, resolution, grids)
 
     def _private_window(self, cohort: Cohort) -> float:

@@ -41,6 +41,8 @@ WINDOW_SOFTNESS = 0.02
 #: last bucket holds everything longer) that shift its observation logit, plus one for "not
 #: yet observed" (see :class:`SequenceGenerator`).
 SINCE_BUCKETS = 12
+#: Starting coupling of the observation masks' noise (see ``SequenceGenerator``).
+INITIAL_MASK_COUPLING = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,20 @@ def st_bernoulli(
     return st_threshold(
         logits + logistic_noise(logits.shape, generator, logits.device), temperature
     )
+
+
+def coupled_logistic_noise(
+    shape: torch.Size, coupling: torch.Tensor, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Logistic noise whose last axis shares one Gaussian factor: entry ``v`` is the logistic
+    quantile of ``Phi(coupling[v] * z + sqrt(1 - coupling[v]**2) * z_v)``, so two entries with
+    couplings near 1 fall on the same side of similar thresholds (a Gaussian copula; 0 gives
+    :func:`logistic_noise`). Differentiable in ``coupling``."""
+    shared = torch.randn((*shape[:-1], 1), generator=generator, device=device)
+    own = torch.randn(shape, generator=generator, device=device)
+    gaussian = coupling * shared + torch.sqrt((1 - coupling**2).clamp_min(1e-6)) * own
+    uniform = torch.special.ndtr(gaussian).clamp(1e-6, 1 - 1e-6)
+    return torch.log(uniform) - torch.log1p(-uniform)
 
 
 def st_threshold(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -303,6 +319,19 @@ class SequenceGenerator(nn.Module):
     (0.956 and 0.952, against 0.941 and 0.926), already above its target; turning them on would
     change the layout of every saved raw-time model. Under DP the fed-back time since the last
     observation lowered TSTR at epsilon 10 from 0.746 to 0.721.
+
+    With ``coupled_masks`` a step's observation draws share one Gaussian factor, each variable
+    with a learned coupling (:func:`coupled_logistic_noise`, started at
+    :data:`INITIAL_MASK_COUPLING`): variables charted together, such as an arterial line's
+    SysABP and DiasABP, tend to be observed at the same steps. Drawn independently on
+    PhysioNet 2012's hourly slots, SysABP and DiasABP came at different slots 6 % of the time
+    (real: under 0.1 %) and their counts per stay were equal for 31 % of patients (real: 99.5 %);
+    the eight variables' observation rates alone told generated stays from real ones at 0.81
+    accuracy, all features at 0.83. Coupled: 43-46 % equal counts, discriminative score
+    0.331-0.334 for three seeds against 0.348-0.364. The CGAN couples masks on slots without
+    DP only. On raw times a step exists only where something is observed, and a shared
+    factor leaves more steps empty: the stays came out 7 % short, HR's observation rate 0.048
+    low, and the score stayed where it was (0.471 against 0.469).
     """
 
     def __init__(
@@ -318,6 +347,7 @@ class SequenceGenerator(nn.Module):
         max_log_gap: float,
         slots: bool = False,
         schedules: bool = False,
+        coupled_masks: bool = False,
     ) -> None:
         super().__init__()
         self.n_variables, self.n_steps, self.slots = n_variables, n_steps, slots
@@ -330,13 +360,17 @@ class SequenceGenerator(nn.Module):
             *[Head("binary", 2 + j) for j in range(n_variables)],
             *[dataclasses.replace(h, start=h.start + 2 + n_variables) for h in value_heads],
         ]
-        self.schedules = schedules
-        if schedules:  # the mask columns are drawn step by step in _masks
+        self.schedules, self.coupled_masks = schedules, coupled_masks
+        if schedules or coupled_masks:  # the mask columns are drawn in _steps or _masks
             heads_drawn = [h for h in heads if not 2 <= h.start < 2 + n_variables]
-            self.since_logits = nn.Parameter(torch.zeros(n_variables, SINCE_BUCKETS + 1))
-            self.register_buffer("variable_index", torch.arange(n_variables), persistent=False)
         else:
             heads_drawn = heads
+        if schedules:
+            self.since_logits = nn.Parameter(torch.zeros(n_variables, SINCE_BUCKETS + 1))
+            self.register_buffer("variable_index", torch.arange(n_variables), persistent=False)
+        if coupled_masks:
+            start = math.log(INITIAL_MASK_COUPLING / (1 - INITIAL_MASK_COUPLING))
+            self.mask_coupling = nn.Parameter(torch.full((n_variables,), start))
         self.activation = Activation(heads_drawn)
         self.step_outputs = sum(h.width for h in heads)
         self.value_width = sum(h.width for h in value_heads)
@@ -544,7 +578,10 @@ class SequenceGenerator(nn.Module):
                 temperature,
             )
         else:
-            mask = out[..., 2 : 2 + v] * alive[..., None] * patient.charted[:, None, :]
+            drawn = out[..., 2 : 2 + v]
+            if self.coupled_masks:
+                drawn = self._draw_masks(raw[..., 2 : 2 + v], generator, temperature)
+            mask = drawn * alive[..., None] * patient.charted[:, None, :]
             since = None
         column_mask = mask[..., self.value_variable]
         values = out[..., 2 + v :] * column_mask
@@ -588,10 +625,21 @@ class SequenceGenerator(nn.Module):
                 torch.isinf(since), SINCE_BUCKETS, since.clamp(max=SINCE_BUCKETS - 1).floor()
             ).long()
             shift = self.since_logits[self.variable_index, bucket] * rhythm
-            mask = st_bernoulli(logits[:, k] + shift, generator, temperature) * allowed[:, k]
+            mask = self._draw_masks(logits[:, k] + shift, generator, temperature) * allowed[:, k]
             since = torch.where(mask > 0.5, 0.0, since)
             masks.append(mask)
         return torch.stack(masks, 1), since
+
+    def _draw_masks(
+        self, logits: torch.Tensor, generator: torch.Generator, temperature: float
+    ) -> torch.Tensor:
+        """0/1 observation masks of ``Bernoulli(sigmoid(logits))`` (variables on the last axis),
+        straight-through; with ``coupled_masks`` a row's draws share one factor."""
+        if not self.coupled_masks:
+            return st_bernoulli(logits, generator, temperature)
+        coupling = torch.sigmoid(self.mask_coupling)
+        noise = coupled_logistic_noise(logits.shape, coupling, generator, logits.device)
+        return st_threshold(logits + noise, temperature)
 
     def forward(
         self,
