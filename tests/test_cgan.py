@@ -718,8 +718,10 @@ def test_observations_follow_the_time_since_the_last_one():
     assert bool((steps[..., STEP_PREFIX] == 1).all())
 
 
-def _small_sequence_generator(static_width: int, n_variables: int) -> SequenceGenerator:
-    """Raw times (no slots), three steps per LSTM step, twelve steps."""
+def _small_sequence_generator(
+    static_width: int, n_variables: int, **options: bool
+) -> SequenceGenerator:
+    """Raw times unless ``options`` say otherwise, three steps per LSTM step, twelve steps."""
     return SequenceGenerator(
         static_width=static_width,
         n_variables=n_variables,
@@ -730,6 +732,7 @@ def _small_sequence_generator(static_width: int, n_variables: int) -> SequenceGe
         hidden=8,
         layers=1,
         max_log_gap=3.0,
+        **options,
     )
 
 
@@ -762,19 +765,8 @@ def test_coupled_masks_observe_variables_together(slots):
     coupled they are observed at the same steps; uncoupled, at the same steps by chance only.
     The coupling is learnt: the straight-through masks pass it a gradient."""
     n_variables = 2
-    network = SequenceGenerator(
-        static_width=1,
-        n_variables=n_variables,
-        value_heads=[Head("numeric", j) for j in range(n_variables)],
-        n_steps=12,
-        steps_per_cell=3,
-        noise_dim=2,
-        hidden=8,
-        layers=1,
-        max_log_gap=3.0,
-        slots=slots,
-        schedules=slots,
-        coupled_masks=True,
+    network = _small_sequence_generator(
+        1, n_variables, slots=slots, schedules=slots, coupled_masks=True
     )
 
     def differ(coupling: float) -> float:
