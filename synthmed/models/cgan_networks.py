@@ -578,9 +578,10 @@ class SequenceGenerator(nn.Module):
                 temperature,
             )
         else:
-            drawn = out[..., 2 : 2 + v]
-            if self.coupled_masks:
+            if self.coupled_masks:  # not drawn by the activation
                 drawn = self._draw_masks(raw[..., 2 : 2 + v], generator, temperature)
+            else:
+                drawn = out[..., 2 : 2 + v]
             mask = drawn * alive[..., None] * patient.charted[:, None, :]
             since = None
         column_mask = mask[..., self.value_variable]
