@@ -63,7 +63,12 @@ class Head:
 def logistic_noise(
     shape: torch.Size, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    uniform = torch.rand(shape, generator=generator, device=device).clamp(1e-6, 1 - 1e-6)
+    return _logistic_quantile(torch.rand(shape, generator=generator, device=device))
+
+
+def _logistic_quantile(uniform: torch.Tensor) -> torch.Tensor:
+    """``log(u / (1 - u))``, with ``u`` kept 1e-6 away from 0 and 1."""
+    uniform = uniform.clamp(1e-6, 1 - 1e-6)
     return torch.log(uniform) - torch.log1p(-uniform)
 
 
@@ -86,8 +91,7 @@ def coupled_logistic_noise(
     shared = torch.randn((*shape[:-1], 1), generator=generator, device=device)
     own = torch.randn(shape, generator=generator, device=device)
     gaussian = coupling * shared + torch.sqrt((1 - coupling**2).clamp_min(1e-6)) * own
-    uniform = torch.special.ndtr(gaussian).clamp(1e-6, 1 - 1e-6)
-    return torch.log(uniform) - torch.log1p(-uniform)
+    return _logistic_quantile(torch.special.ndtr(gaussian))
 
 
 def st_threshold(logits: torch.Tensor, temperature: float) -> torch.Tensor:
